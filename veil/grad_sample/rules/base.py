@@ -1,0 +1,132 @@
+"""The rule interface: how one layer family yields per-sample gradient information.
+
+A rule sees, for one module and one backward pass, the list of that module's calls. Each call holds
+what the rule captured in forward (``ctx``) and the gradient of the loss with respect to the call's
+output (``grad``), both with the batch in dimension 0 and the gradient already scaled so that it is
+the gradient of a *sum* of per-sample losses.
+
+From those a rule returns a :class:`LayerGrads`: the per-sample squared norm of each parameter's
+gradient, and a way to form the clipped sum ``Σ_i c_i G_i`` once the clip factors are known. The
+default builds the per-sample gradients ``G_i`` (``per_sample``); rules that can do better override
+``layer_grads`` and use ghost norms when the cost model says they are cheaper.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Sequence, Type
+
+import torch
+from torch import nn
+
+Tensor = torch.Tensor
+
+MODES = ("auto", "ghost", "instantiate", "functorch")
+
+
+@dataclass
+class Call:
+    """One call of a module during a forward pass."""
+
+    ctx: Any
+    grad: Any = None  # Tensor (or tuple of tensors) with the batch in dim 0
+    forward_id: int = 0
+
+
+class LayerGrads:
+    """Per-sample information for the parameters of one module in one backward pass."""
+
+    norms_sq: Dict[str, Tensor]
+
+    def clipped_sum(self, factors: Dict[str, Tensor]) -> Dict[str, Tensor]:
+        """Σ_i factors[name]_i · G_i for each parameter named in ``factors``."""
+        raise NotImplementedError
+
+    def per_sample(self) -> Dict[str, Tensor]:
+        """The per-sample gradients themselves, shape [B, *param.shape]."""
+        raise NotImplementedError
+
+
+def norm_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Norms and clip factors are never computed in less than fp32."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+class InstantiatedGrads(LayerGrads):
+    """Per-sample gradients held as B copies: norms and clipped sums read them directly."""
+
+    def __init__(self, grads: Dict[str, Tensor]):
+        self.grads = grads
+        self.norms_sq = {
+            n: g.to(norm_dtype(g.dtype)).square().sum(tuple(range(1, g.dim()))) for n, g in grads.items()
+        }
+
+    def clipped_sum(self, factors: Dict[str, Tensor]) -> Dict[str, Tensor]:
+        out = {}
+        for n, c in factors.items():
+            g = self.grads[n]
+            c = c.to(norm_dtype(g.dtype))
+            out[n] = torch.tensordot(c, g.to(c.dtype), dims=1)
+        return out
+
+    def per_sample(self) -> Dict[str, Tensor]:
+        return self.grads
+
+
+class Rule:
+    """Base class of a layer rule. Subclasses set ``module_types`` and implement ``per_sample``."""
+
+    module_types: Sequence[Type[nn.Module]] = ()
+    #: True when the module's input has a sequence dimension whose position follows ``batch_first``.
+    sequence_input: bool = False
+
+    def capture(self, module: nn.Module, args: tuple, kwargs: dict, batch_first: bool) -> Any:
+        """What to keep from forward; default: the first positional input, batch in dim 0."""
+        x = args[0]
+        if self.sequence_input and not batch_first:
+            x = x.movedim(1, 0)
+        return x.detach()
+
+    def per_sample(self, module: nn.Module, calls: List[Call], names: List[str]) -> Dict[str, Tensor]:
+        """Per-sample gradients [B, *shape] of the parameters ``names``, summed over calls."""
+        raise NotImplementedError
+
+    def layer_grads(self, module: nn.Module, calls: List[Call], names: List[str], mode: str) -> LayerGrads:
+        """Norms and clipped sums; ``mode`` is 'auto', 'ghost' or 'instantiate'."""
+        return InstantiatedGrads(self.per_sample(module, calls, names))
+
+
+_RULES: Dict[Type[nn.Module], Rule] = {}
+
+
+def register_rule(*module_types: Type[nn.Module]) -> Callable[[Type[Rule]], Type[Rule]]:
+    """Class decorator: register a :class:`Rule` subclass for the given module types.
+
+    Example::
+
+        @register_rule(MyLayer)
+        class MyLayerRule(Rule):
+            def per_sample(self, module, calls, names): ...
+    """
+
+    def deco(cls: Type[Rule]) -> Type[Rule]:
+        rule = cls()
+        for t in module_types:
+            _RULES[t] = rule
+        cls.module_types = tuple(module_types)
+        return cls
+
+    return deco
+
+
+def rule_for(module: nn.Module) -> Optional[Rule]:
+    """The rule registered for this module's exact type, if any."""
+    return _RULES.get(type(module))
+
+
+def registered_types() -> List[Type[nn.Module]]:
+    return list(_RULES)
+
+
+def batch_size_of(calls: List[Call]) -> int:
+    g = calls[0].grad
+    return (g[0] if isinstance(g, tuple) else g).shape[0]

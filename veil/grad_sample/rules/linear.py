@@ -1,0 +1,94 @@
+"""nn.Linear: per-sample gradients, ghost norms and clipped sums for inputs [B, *, d]."""
+from __future__ import annotations
+
+import math
+
+from typing import Dict, List
+
+import torch
+from torch import nn
+
+from .base import Call, InstantiatedGrads, LayerGrads, Rule, norm_dtype, register_rule
+
+Tensor = torch.Tensor
+
+
+def stack_calls(calls: List[Call], d_in: int, d_out: int):
+    """Inputs and output gradients of all calls, as [B, T, d] and [B, T, p] (calls joined along T)."""
+    a = [flat3(c.ctx) for c in calls]
+    g = [flat3(c.grad) for c in calls]
+    if len(calls) == 1:
+        return a[0], g[0]
+    return torch.cat(a, 1), torch.cat(g, 1)
+
+
+def flat3(t: Tensor) -> Tensor:
+    """[B, *, d] -> [B, T, d], where T is the product of the middle dimensions (1 if none)."""
+    return t.reshape(t.shape[0], math.prod(t.shape[1:-1]), t.shape[-1])
+
+
+def ghost_is_cheaper(T: int, d: int, p: int) -> bool:
+    """DESIGN.md's cost model: ghost costs ~T²(p+d) per sample, instantiating ~T·p·d."""
+    return T * (p + d) <= p * d
+
+
+def linear_ghost_norm_sq(a: Tensor, g: Tensor) -> Tensor:
+    """‖g_iᵀ a_i‖_F² for every sample, without forming g_iᵀ a_i."""
+    if a.shape[1] == 1:
+        return a[:, 0].square().sum(1) * g[:, 0].square().sum(1)
+    aa = torch.bmm(a, a.transpose(1, 2))
+    gg = torch.bmm(g, g.transpose(1, 2))
+    return (aa * gg).sum((1, 2))
+
+
+class LinearGhostGrads(LayerGrads):
+    """Weight gradient kept as (a, g); the clipped sum is one matmul (c⊙g)ᵀa."""
+
+    def __init__(self, a: Tensor, g: Tensor, names: List[str]):
+        self.a, self.g, self.names = a, g, names
+        dt = norm_dtype(a.dtype)
+        self.norms_sq = {}
+        if "weight" in names:
+            self.norms_sq["weight"] = linear_ghost_norm_sq(a.to(dt), g.to(dt))
+        if "bias" in names:
+            self.gsum = g.sum(1)
+            self.norms_sq["bias"] = self.gsum.to(dt).square().sum(1)
+
+    def clipped_sum(self, factors: Dict[str, Tensor]) -> Dict[str, Tensor]:
+        out = {}
+        B, T, p = self.g.shape
+        if "weight" in factors:
+            c = factors["weight"].to(self.g.dtype)
+            gc = (self.g * c.view(B, 1, 1)).reshape(B * T, p)
+            out["weight"] = gc.t() @ self.a.reshape(B * T, self.a.shape[-1])
+        if "bias" in factors:
+            c = factors["bias"].to(self.g.dtype)
+            out["bias"] = c @ self.gsum
+        return out
+
+    def per_sample(self) -> Dict[str, Tensor]:
+        return linear_per_sample(self.a, self.g, self.names)
+
+
+def linear_per_sample(a: Tensor, g: Tensor, names: List[str]) -> Dict[str, Tensor]:
+    out = {}
+    if "weight" in names:
+        out["weight"] = torch.bmm(g.transpose(1, 2), a)
+    if "bias" in names:
+        out["bias"] = g.sum(1)
+    return out
+
+
+@register_rule(nn.Linear)
+class LinearRule(Rule):
+    sequence_input = True
+
+    def per_sample(self, module: nn.Linear, calls: List[Call], names: List[str]) -> Dict[str, Tensor]:
+        a, g = stack_calls(calls, module.in_features, module.out_features)
+        return linear_per_sample(a, g, names)
+
+    def layer_grads(self, module: nn.Linear, calls: List[Call], names: List[str], mode: str) -> LayerGrads:
+        a, g = stack_calls(calls, module.in_features, module.out_features)
+        if mode == "ghost" or (mode == "auto" and ghost_is_cheaper(a.shape[1], a.shape[2], g.shape[2])):
+            return LinearGhostGrads(a, g, names)
+        return InstantiatedGrads(linear_per_sample(a, g, names))
