@@ -17,6 +17,7 @@ an error naming it, never trained on.
 """
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
@@ -159,6 +160,7 @@ class GradSampleModule(nn.Module):
                 )
             self._rules[module] = (mname, rule)
             for n, p in own:
+                p._veil_gsm = weakref.ref(self)
                 owners.setdefault(id(p), []).append(module)
                 self._param_names.setdefault(id(p), _join(mname, n))
         self._shared = {pid for pid, mods in owners.items() if len(mods) > 1}
