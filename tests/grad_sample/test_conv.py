@@ -1,0 +1,123 @@
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+from torch import nn
+
+from tests.reference import assert_matches_reference
+from veil.grad_sample.rules.base import Call, InstantiatedGrads, rule_for
+from veil.grad_sample.rules.conv import ConvGhostGrads
+
+torch.set_default_dtype(torch.float64)
+
+CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+
+
+def tanh_loss(y, i):
+    w = torch.randn(y.shape, generator=torch.Generator().manual_seed(i))
+    return (torch.tanh(y) * w).sum()
+
+
+@st.composite
+def conv_configs(draw):
+    n = draw(st.integers(1, 3))
+    groups = draw(st.integers(1, 3))
+    c_in, c_out = groups * draw(st.integers(1, 2)), groups * draw(st.integers(1, 2))
+    kernel = [draw(st.integers(1, 3)) for _ in range(n)]
+    dilation = [draw(st.integers(1, 2)) for _ in range(n)]
+    padding_kind = draw(st.sampled_from(["int", "tuple", "same", "valid"]))
+    stride = [1] * n if padding_kind == "same" else [draw(st.integers(1, 2)) for _ in range(n)]
+    padding = {
+        "int": draw(st.integers(0, 2)),
+        "tuple": tuple(draw(st.integers(0, 2)) for _ in range(n)),
+        "same": "same",
+        "valid": "valid",
+    }[padding_kind]
+    pads = [padding] * n if isinstance(padding, int) else (padding if isinstance(padding, tuple) else [0] * n)
+    if padding == "same":
+        pads = [d * (k - 1) for d, k in zip(dilation, kernel)]
+    # big enough for the kernel span and for reflect padding (pad < size); small for speed
+    spatial = [
+        max(d * (k - 1) + 1, p + 1) + draw(st.integers(0, 2 if n == 3 else 4))
+        for d, k, p in zip(dilation, kernel, pads)
+    ]
+    module = CONV[n](
+        c_in, c_out, kernel, stride=stride, padding=padding, dilation=dilation, groups=groups,
+        bias=draw(st.booleans()), padding_mode=draw(st.sampled_from(["zeros", "reflect", "replicate", "circular"])),
+    )
+    return module, c_in, spatial
+
+
+@settings(max_examples=40, deadline=None)
+@given(cfg=conv_configs(), B=st.integers(0, 3), calls=st.integers(1, 2), frozen_bias=st.booleans())
+def test_conv_matches_brute_force(cfg, B, calls, frozen_bias):
+    torch.manual_seed(0)
+    conv, c_in, spatial = cfg
+    if frozen_bias and conv.bias is not None:
+        conv.bias.requires_grad_(False)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = conv
+
+        def forward(self, x):
+            ys = [self.conv(x).flatten(1)]
+            if calls == 2:  # a second call on a larger input: a different number of output positions
+                ys.append(self.conv(torch.cat([x, x * 0.5], -1)).flatten(1))
+            return torch.cat(ys, 1)
+
+    x = torch.randn(B, c_in, *spatial)
+    assert_matches_reference(Net(), (x,), tanh_loss, B)
+
+
+@pytest.mark.parametrize("padding_mode", ["zeros", "reflect", "replicate", "circular"])
+@pytest.mark.parametrize(
+    "n, kwargs",
+    [
+        (1, dict(kernel_size=4, padding="same", dilation=1)),  # even kernel: odd extra pad goes after
+        (2, dict(kernel_size=(2, 3), padding="same", dilation=(1, 2))),
+        (3, dict(kernel_size=(2, 1, 2), padding="same")),
+        (2, dict(kernel_size=3, stride=2, padding=(2, 1), dilation=2, groups=2)),
+        (3, dict(kernel_size=(1, 2, 3), stride=(2, 1, 2), padding=1, groups=2)),
+    ],
+)
+def test_conv_padding_modes(n, kwargs, padding_mode):
+    torch.manual_seed(0)
+    conv = CONV[n](2, 4, padding_mode=padding_mode, **kwargs)
+    x = torch.randn(3, 2, *[7, 6, 5][:n])
+    assert_matches_reference(conv, (x,), tanh_loss, 3)
+
+
+def test_frozen_bias_has_no_entry():
+    from tests.reference import engine_chunk
+
+    conv = nn.Conv2d(2, 3, 3)
+    conv.bias.requires_grad_(False)
+    for mode in ("auto", "ghost", "instantiate"):
+        probe = engine_chunk(conv, (torch.randn(2, 2, 5, 5),), lambda y: y.square().sum(), mode)
+        assert set(probe.norms_sq) == {"weight"}
+
+
+@pytest.mark.parametrize(
+    "module, x, ghost",
+    [
+        (nn.Conv2d(64, 64, 3), torch.randn(2, 64, 4, 4), True),  # L=4, k=576, p=64: ghost is cheaper
+        (nn.Conv2d(3, 8, 3), torch.randn(2, 3, 16, 16), False),  # L=196, k=27, p=8
+        (nn.Conv1d(8, 16, 3, groups=8), torch.randn(2, 8, 6), False),  # per group k=3, p=2
+    ],
+)
+def test_auto_picks_cheaper_path(module, x, ghost):
+    rule = rule_for(module)
+    y = module(x)
+    call = Call(ctx=rule.capture(module, (x,), {}, True), grad=torch.randn_like(y))
+    lg = rule.layer_grads(module, [call], ["weight", "bias"], "auto")
+    assert isinstance(lg, ConvGhostGrads if ghost else InstantiatedGrads)
+    ref = rule.layer_grads(module, [call], ["weight", "bias"], "instantiate" if ghost else "ghost")
+    for n in ("weight", "bias"):
+        torch.testing.assert_close(lg.norms_sq[n], ref.norms_sq[n], rtol=1e-10, atol=0)
+
+
+def test_unbatched_input_is_refused():
+    conv = nn.Conv2d(2, 3, 3)
+    with pytest.raises(ValueError, match="batch"):
+        rule_for(conv).capture(conv, (torch.randn(2, 5, 5),), {}, True)

@@ -1,0 +1,146 @@
+"""nn.Conv1d/2d/3d: per-sample gradients, ghost norms and clipped sums.
+
+A convolution is a Linear layer applied at every output position to the unfolded input patch:
+with U_i the unfolded (padded) input of sample i, shape [k, L] per group, and g_i its output
+gradient, shape [p, L] per group, the per-sample weight gradient is G_i = g_i U_iᵀ. Forward keeps
+only the raw input; the padding (any ``padding_mode``) is applied explicitly afterwards, so the
+convolution is then one without padding.
+"""
+from __future__ import annotations
+
+import math
+from typing import Dict, List, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .base import Call, InstantiatedGrads, LayerGrads, Rule, norm_dtype, register_rule
+
+Tensor = torch.Tensor
+Conv = nn.modules.conv._ConvNd
+
+_WEIGHT_GRAD = {1: torch.nn.grad.conv1d_weight, 2: torch.nn.grad.conv2d_weight, 3: torch.nn.grad.conv3d_weight}
+
+
+def padding_pairs(module: Conv) -> List[Tuple[int, int]]:
+    """(before, after) padding of each spatial dimension, as the module's forward applies it."""
+    if module.padding == "valid":
+        return [(0, 0)] * len(module.kernel_size)
+    if module.padding == "same":  # PyTorch puts the odd extra element after
+        totals = [d * (k - 1) for d, k in zip(module.dilation, module.kernel_size)]
+        return [(t // 2, t - t // 2) for t in totals]
+    return [(p, p) for p in module.padding]
+
+
+def pad_input(module: Conv, x: Tensor) -> Tensor:
+    """The input with the module's padding applied, so the convolution needs no more padding."""
+    pairs = padding_pairs(module)
+    if not any(a or b for a, b in pairs):
+        return x
+    flat = [v for pair in reversed(pairs) for v in pair]  # F.pad lists the last dimension first
+    mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
+    return F.pad(x, flat, mode=mode)
+
+
+def unfold(module: Conv, x: Tensor) -> Tensor:
+    """Padded input [B, C_in, *S] -> patches [B, groups, C_in/groups·prod(kernel), L]."""
+    n = len(module.kernel_size)
+    for i, (k, d, s) in enumerate(zip(module.kernel_size, module.dilation, module.stride)):
+        x = x.unfold(2 + i, d * (k - 1) + 1, s)  # appends a window dim, spatial dim i becomes outputs
+    x = x[(...,) + tuple(slice(None, None, d) for d in module.dilation)]  # keep every d-th tap
+    B, C = x.shape[:2]
+    L = math.prod(x.shape[2 : 2 + n])
+    x = x.permute(0, 1, *range(2 + n, 2 + 2 * n), *range(2, 2 + n))  # [B, C, *kernel, *out]
+    return x.reshape(B, module.groups, C // module.groups * math.prod(module.kernel_size), L)
+
+
+def grouped_grad(module: Conv, g: Tensor) -> Tensor:
+    """Output gradient [B, C_out, *out] -> [B, groups, C_out/groups, L]."""
+    return g.reshape(g.shape[0], module.groups, module.out_channels // module.groups, math.prod(g.shape[2:]))
+
+
+def ghost_is_cheaper(L: int, k: int, p: int) -> bool:
+    """DESIGN.md's cost model per group: ghost ~L²(p+k) per sample, instantiating ~L·p·k."""
+    return L * (p + k) <= p * k
+
+
+def conv_per_sample(module: Conv, xs: List[Tensor], gs: List[Tensor], names: List[str]) -> Dict[str, Tensor]:
+    """Per-sample gradients, summed over calls; ``xs`` are the padded inputs."""
+    out: Dict[str, Tensor] = {}
+    if "weight" in names:
+        w = sum(torch.matmul(grouped_grad(module, g), unfold(module, x).transpose(-1, -2)) for x, g in zip(xs, gs))
+        out["weight"] = w.reshape(w.shape[0], *module.weight.shape)
+    if "bias" in names:
+        out["bias"] = bias_per_sample(gs)
+    return out
+
+
+def bias_per_sample(gs: List[Tensor]) -> Tensor:
+    return sum(g.sum(tuple(range(2, g.dim()))) for g in gs)
+
+
+class ConvGhostGrads(LayerGrads):
+    """Weight norms from the L×L Gram matrices; the clipped sum is one weight-gradient convolution.
+
+    Only the padded inputs and output gradients are kept; the unfolded patches live only while the
+    norms are computed.
+    """
+
+    def __init__(self, module: Conv, xs: List[Tensor], gs: List[Tensor], names: List[str]):
+        self.module, self.xs, self.gs, self.names = module, xs, gs, names
+        self.norms_sq = {}
+        if "weight" in names:
+            dt = norm_dtype(gs[0].dtype)
+            u = torch.cat([unfold(module, x) for x in xs], -1).to(dt)
+            g = torch.cat([grouped_grad(module, g) for g in gs], -1).to(dt)
+            uu = torch.matmul(u.transpose(-1, -2), u)
+            gg = torch.matmul(g.transpose(-1, -2), g)
+            self.norms_sq["weight"] = (uu * gg).sum((1, 2, 3))
+        if "bias" in names:
+            self.gsum = bias_per_sample(gs)
+            self.norms_sq["bias"] = self.gsum.to(norm_dtype(self.gsum.dtype)).square().sum(1)
+
+    def clipped_sum(self, factors: Dict[str, Tensor]) -> Dict[str, Tensor]:
+        out = {}
+        m = self.module
+        if "weight" in factors:
+            weight_grad = _WEIGHT_GRAD[len(m.kernel_size)]
+            out["weight"] = sum(
+                weight_grad(x, m.weight.shape, g * factors["weight"].to(g.dtype).view(-1, *[1] * (g.dim() - 1)),
+                            stride=m.stride, dilation=m.dilation, groups=m.groups)
+                for x, g in zip(self.xs, self.gs)
+            )
+        if "bias" in factors:
+            out["bias"] = factors["bias"].to(self.gsum.dtype) @ self.gsum
+        return out
+
+    def per_sample(self) -> Dict[str, Tensor]:
+        return conv_per_sample(self.module, self.xs, self.gs, self.names)
+
+
+@register_rule(nn.Conv1d, nn.Conv2d, nn.Conv3d)
+class ConvRule(Rule):
+    """Conv1d/2d/3d with any stride, padding, padding_mode, dilation and groups; batch in dim 0."""
+
+    def capture(self, module: Conv, args: tuple, kwargs: dict, batch_first: bool) -> Tensor:
+        x = args[0]
+        if x.dim() != len(module.kernel_size) + 2:
+            raise ValueError(
+                f"{type(module).__name__} got an input of shape {tuple(x.shape)} without a batch dimension; "
+                "per-sample gradients need batched inputs [B, C, ...] (add one with x.unsqueeze(0))."
+            )
+        return x.detach()
+
+    def per_sample(self, module: Conv, calls: List[Call], names: List[str]) -> Dict[str, Tensor]:
+        return conv_per_sample(module, [pad_input(module, c.ctx) for c in calls], [c.grad for c in calls], names)
+
+    def layer_grads(self, module: Conv, calls: List[Call], names: List[str], mode: str) -> LayerGrads:
+        xs = [pad_input(module, c.ctx) for c in calls]
+        gs = [c.grad for c in calls]
+        L = sum(math.prod(g.shape[2:]) for g in gs)
+        k = module.weight[0].numel()
+        p = module.out_channels // module.groups
+        if mode == "ghost" or (mode == "auto" and ghost_is_cheaper(L, k, p)):
+            return ConvGhostGrads(module, xs, gs, names)
+        return InstantiatedGrads(conv_per_sample(module, xs, gs, names))
