@@ -81,7 +81,6 @@ class _Attach(torch.autograd.Function):
     @staticmethod
     def backward(ctx, *grads):
         ctx.tape.record(ctx.module, ctx.call, grads)
-        ctx.call = None
         return (None, None, None, None) + (None,) * ctx.n_params + grads
 
 

@@ -17,6 +17,7 @@ from torch.optim import Optimizer
 from ..grad_sample.grad_sample_module import Chunk, GradSampleModule, ParamEntry, PrivacyLeakError
 from ..grad_sample.rules.base import InstantiatedGrads
 from .clipping import ClippingStrategy, FlatClipping
+from .noise import noise_like
 
 Tensor = torch.Tensor
 
@@ -217,15 +218,6 @@ class DPOptimizer(Optimizer):
                 "uses it."
             )
 
-    def _noise(self, like: Tensor, std: float) -> Tensor:
-        if std == 0:
-            return torch.zeros_like(like)
-        if self.secure_mode:
-            from ..utils.secure_rng import secure_normal
-
-            return secure_normal(like.shape, std, dtype=like.dtype, device=like.device)
-        return torch.normal(0.0, std, like.shape, generator=self.generator, dtype=like.dtype, device=like.device)
-
     def pre_step(self) -> bool:
         """Clip, noise and scale; returns False when the step is skipped (virtual batch)."""
         if self._gsm is None:
@@ -237,16 +229,19 @@ class DPOptimizer(Optimizer):
         self._check()
         std = self.noise_multiplier * self.clipping.sensitivity()
         denom = self.expected_batch_size * self.accumulated_iterations if self.loss_reduction == "mean" else 1
-        for p in self.params:
-            if not p.requires_grad:
-                continue
-            s = self._summed.get(id(p))
-            if s is None:
-                s = torch.zeros_like(p, dtype=torch.promote_types(p.dtype, torch.float32))
-            g = s + self._noise(s, std)
-            if denom != 1:
-                g.div_(denom)
-            p.grad = g.to(p.dtype)
+        params = [p for p in self.params if p.requires_grad]
+        by_dtype: Dict[torch.dtype, List[nn.Parameter]] = {}
+        for p in params:
+            by_dtype.setdefault(torch.promote_types(p.dtype, torch.float32), []).append(p)
+        for dtype, group in by_dtype.items():
+            noises = noise_like(group, std, self.generator, dtype=dtype, secure=self.secure_mode)
+            for p, g in zip(group, noises):
+                s = self._summed.get(id(p))
+                if s is not None:
+                    g.add_(s)
+                if denom != 1:
+                    g.div_(denom)
+                p.grad = g if g.dtype == p.dtype else g.to(p.dtype)
         self._is_last_step_skipped = False
         return True
 
