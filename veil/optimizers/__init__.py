@@ -1,5 +1,5 @@
 """DPOptimizer and its clipping strategies."""
-from .clipping import ClippingStrategy, FlatClipping
+from .clipping import AdaptiveClipping, AutomaticClipping, ClippingStrategy, FlatClipping, PerLayerClipping
 from .optimizer import DPOptimizer
 
-__all__ = ["DPOptimizer", "ClippingStrategy", "FlatClipping"]
+__all__ = ["DPOptimizer", "ClippingStrategy", "FlatClipping", "PerLayerClipping", "AdaptiveClipping", "AutomaticClipping"]

@@ -16,7 +16,7 @@ from torch.optim import Optimizer
 
 from ..grad_sample.grad_sample_module import Chunk, GradSampleModule, ParamEntry, PrivacyLeakError
 from ..grad_sample.rules.base import InstantiatedGrads
-from .clipping import ClippingStrategy, FlatClipping
+from .clipping import ClippingStrategy, make_strategy
 from .noise import noise_like
 
 Tensor = torch.Tensor
@@ -33,7 +33,9 @@ class DPOptimizer(Optimizer):
         loss_reduction: "mean" or "sum", as the loss the user computes.
         generator: a torch.Generator for the noise (reproducible runs).
         secure_mode: draw noise from a cryptographically secure source.
-        clipping: "flat" or a :class:`ClippingStrategy`.
+        clipping: "flat", "per_layer" (``max_grad_norm`` a list, one per parameter group), "adaptive",
+            "automatic", or a :class:`ClippingStrategy`. Further keyword arguments configure the
+            strategy (e.g. ``target_unclipped_quantile``, ``unclipped_num_std`` for "adaptive").
     """
 
     def __init__(
@@ -68,14 +70,15 @@ class DPOptimizer(Optimizer):
         self.loss_reduction = loss_reduction
         self.generator = generator
         self.secure_mode = secure_mode
-        self.clipping = self._make_strategy(clipping, max_grad_norm)
+        self.clipping = make_strategy(clipping, max_grad_norm, optimizer.param_groups, **kwargs)
         self.step_hook: Optional[Callable[["DPOptimizer"], None]] = None
         self._step_hooks: List[Callable[["DPOptimizer"], None]] = []
         self._skip_next = False
         self._is_last_step_skipped = False
         self._gsm: Optional[GradSampleModule] = None
         self._summed: Dict[int, Tensor] = {}
-        self._chunks = 0
+        self._chunks = 0  # backward passes since the last step() call
+        self._iterations = 0  # most backward passes between two step() calls in this logical batch
         self._errors: List[str] = []
         self._stamps: Dict[int, tuple] = {}
         self._in_optimizer = {id(p) for p in self.params}
@@ -84,16 +87,6 @@ class DPOptimizer(Optimizer):
             self.attach(gsm)
 
     # --------------------------------------------------------------- plumbing
-    @staticmethod
-    def _make_strategy(clipping, max_grad_norm) -> ClippingStrategy:
-        if isinstance(clipping, ClippingStrategy):
-            return clipping
-        if clipping == "flat":
-            return FlatClipping(max_grad_norm)
-        from . import clipping as strategies
-
-        return strategies.make(clipping, max_grad_norm)
-
     @property
     def max_grad_norm(self) -> float:
         return self.clipping.max_grad_norm
@@ -132,8 +125,8 @@ class DPOptimizer(Optimizer):
 
     @property
     def accumulated_iterations(self) -> int:
-        """Backward passes accumulated since the last step (at least 1)."""
-        return max(self._chunks, 1)
+        """Backward passes between two ``step()`` calls in this logical batch (at least 1)."""
+        return max(self._chunks, self._iterations, 1)
 
     def attach(self, gsm: GradSampleModule) -> None:
         """Receive per-sample norms from ``gsm`` at the end of each backward pass."""
@@ -225,9 +218,11 @@ class DPOptimizer(Optimizer):
         if self._skip_next:
             self._skip_next = False
             self._is_last_step_skipped = True
+            self._iterations = self.accumulated_iterations
+            self._chunks = 0
             return False
         self._check()
-        std = self.noise_multiplier * self.clipping.sensitivity()
+        std = self.clipping.noise_std(self.noise_multiplier)
         denom = self.expected_batch_size * self.accumulated_iterations if self.loss_reduction == "mean" else 1
         params = [p for p in self.params if p.requires_grad]
         by_dtype: Dict[torch.dtype, List[nn.Parameter]] = {}
@@ -253,7 +248,7 @@ class DPOptimizer(Optimizer):
                 loss = closure()
         if self.pre_step():
             self.original_optimizer.step()
-            self.clipping.on_step(self.generator)
+            self.clipping.on_step(self)
             for hook in self._step_hooks:
                 hook(self)
             self._reset()
@@ -263,6 +258,7 @@ class DPOptimizer(Optimizer):
     def _reset(self) -> None:
         self._summed = {}
         self._chunks = 0
+        self._iterations = 0
         self._errors = []
 
     def _stamp(self) -> None:
@@ -275,9 +271,7 @@ class DPOptimizer(Optimizer):
             if getattr(p, "grad_sample", None) is not None:
                 p.grad_sample = None
         if not self._is_last_step_skipped:
-            self._summed = {}
-            self._chunks = 0
-            self._errors = []
+            self._reset()
         self._stamp()
 
     # ------------------------------------------------------------- state

@@ -14,9 +14,11 @@ Tensor = torch.Tensor
 
 
 def stack_calls(calls: List[Call], d_in: int, d_out: int):
-    """Inputs and output gradients of all calls, as [B, T, d] and [B, T, p] (calls joined along T)."""
-    a = [flat3(c.ctx) for c in calls]
-    g = [flat3(c.grad) for c in calls]
+    """Inputs and output gradients of all calls, as [B, T, d] and [B, T, p] (calls joined along T),
+    in at least fp32 so that norms and clipped sums accumulate in full precision under autocast."""
+    dt = norm_dtype(torch.promote_types(calls[0].ctx.dtype, calls[0].grad.dtype))
+    a = [flat3(c.ctx).to(dt) for c in calls]
+    g = [flat3(c.grad).to(dt) for c in calls]
     if len(calls) == 1:
         return a[0], g[0]
     return torch.cat(a, 1), torch.cat(g, 1)
@@ -46,24 +48,22 @@ class LinearGhostGrads(LayerGrads):
 
     def __init__(self, a: Tensor, g: Tensor, names: List[str]):
         self.a, self.g, self.names = a, g, names
-        dt = norm_dtype(a.dtype)
         self.norms_sq = {}
         if "weight" in names:
-            self.norms_sq["weight"] = linear_ghost_norm_sq(a.to(dt), g.to(dt))
+            self.norms_sq["weight"] = linear_ghost_norm_sq(a, g)
         if "bias" in names:
             self.gsum = g.sum(1)
-            self.norms_sq["bias"] = self.gsum.to(dt).square().sum(1)
+            self.norms_sq["bias"] = self.gsum.square().sum(1)
 
     def clipped_sum(self, factors: Dict[str, Tensor]) -> Dict[str, Tensor]:
         out = {}
         B, T, p = self.g.shape
         if "weight" in factors:
-            c = factors["weight"].to(self.g.dtype)
+            c = factors["weight"]
             gc = (self.g * c.view(B, 1, 1)).reshape(B * T, p)
             out["weight"] = gc.t() @ self.a.reshape(B * T, self.a.shape[-1])
         if "bias" in factors:
-            c = factors["bias"].to(self.g.dtype)
-            out["bias"] = c @ self.gsum
+            out["bias"] = factors["bias"] @ self.gsum
         return out
 
     def per_sample(self) -> Dict[str, Tensor]:

@@ -1,0 +1,1 @@
+"""Utilities: BatchMemoryManager, secure random numbers."""

@@ -1,0 +1,93 @@
+"""BatchMemoryManager: train on large logical (Poisson) batches with small physical ones.
+
+Each logical batch drawn by the sampler is split into physical chunks of at most
+``max_physical_batch_size`` examples. Before every chunk but the last, the optimizer is told to
+skip its next step, so ``optimizer.step()`` only clips and accumulates; the weights change, noise is
+drawn and the accountant is told once per logical batch, exactly as with one big batch.
+"""
+from __future__ import annotations
+
+from typing import Iterator, List
+
+from torch.utils.data import DataLoader, Sampler
+
+from ..data_loader import DPDataLoader
+from ..optimizers.optimizer import DPOptimizer
+
+
+class BatchSplittingSampler(Sampler[List[int]]):
+    """Splits every batch of ``sampler`` into chunks and signals the optimizer which are final."""
+
+    def __init__(self, *, sampler: Sampler[List[int]], max_batch_size: int, optimizer: DPOptimizer):
+        self.sampler = sampler
+        self.max_batch_size = max_batch_size
+        self.optimizer = optimizer
+
+    def __iter__(self) -> Iterator[List[int]]:
+        for batch in self.sampler:
+            chunks = [batch[i : i + self.max_batch_size] for i in range(0, len(batch), self.max_batch_size)] or [[]]
+            for k, chunk in enumerate(chunks):
+                self.optimizer.signal_skip_step(do_skip=k < len(chunks) - 1)
+                yield chunk
+
+    def __len__(self) -> int:
+        sample_rate = getattr(self.sampler, "sample_rate", None)
+        n = getattr(self.sampler, "num_samples", None)
+        if sample_rate is None or n is None:
+            return len(self.sampler)
+        expected = max(1, -(-int(n * sample_rate) // self.max_batch_size))
+        return len(self.sampler) * expected
+
+
+def wrap_data_loader(*, data_loader: DataLoader, max_batch_size: int, optimizer: DPOptimizer) -> DataLoader:
+    """A loader over the same data whose batches are the physical chunks of ``data_loader``'s batches."""
+    sampler = data_loader.batch_sampler
+    if sampler is None:
+        raise ValueError("BatchMemoryManager needs a loader with a batch sampler (a DPDataLoader or batch_size=...)")
+    return DataLoader(
+        data_loader.dataset,
+        batch_sampler=BatchSplittingSampler(sampler=sampler, max_batch_size=max_batch_size, optimizer=optimizer),
+        collate_fn=data_loader.collate_fn,
+        num_workers=data_loader.num_workers,
+        pin_memory=data_loader.pin_memory,
+        timeout=data_loader.timeout,
+        worker_init_fn=data_loader.worker_init_fn,
+        multiprocessing_context=data_loader.multiprocessing_context,
+        generator=data_loader.generator,
+        prefetch_factor=data_loader.prefetch_factor if data_loader.num_workers > 0 else None,
+        persistent_workers=data_loader.persistent_workers,
+    )
+
+
+class BatchMemoryManager:
+    """Context manager yielding a loader of physical batches of at most ``max_physical_batch_size``.
+
+    Example::
+
+        with BatchMemoryManager(data_loader=loader, max_physical_batch_size=64, optimizer=optimizer) as dl:
+            for x, y in dl:
+                optimizer.zero_grad()
+                loss_fn(model(x), y).backward()
+                optimizer.step()   # a real step only at the end of each logical batch
+    """
+
+    def __init__(self, *, data_loader: DataLoader, max_physical_batch_size: int, optimizer: DPOptimizer):
+        if max_physical_batch_size <= 0:
+            raise ValueError(f"max_physical_batch_size must be positive, got {max_physical_batch_size}")
+        if not isinstance(optimizer, DPOptimizer):
+            raise TypeError("BatchMemoryManager needs the DPOptimizer returned by make_private")
+        if not isinstance(data_loader, DPDataLoader):
+            import warnings
+
+            warnings.warn("BatchMemoryManager is used with a loader that is not Poisson-sampled; the accounting "
+                          "assumes Poisson sampling.")
+        self.data_loader = data_loader
+        self.max_physical_batch_size = max_physical_batch_size
+        self.optimizer = optimizer
+
+    def __enter__(self) -> DataLoader:
+        return wrap_data_loader(data_loader=self.data_loader, max_batch_size=self.max_physical_batch_size,
+                                optimizer=self.optimizer)
+
+    def __exit__(self, *exc) -> None:
+        self.optimizer.signal_skip_step(do_skip=False)
