@@ -65,6 +65,13 @@ def ghost_is_cheaper(L: int, k: int, p: int) -> bool:
     return L * (p + k) <= p * k
 
 
+def prepare(module: Conv, calls: List[Call]) -> Tuple[List[Tensor], List[Tensor]]:
+    """Padded inputs and output gradients of all calls, in at least fp32 (their dtypes may differ
+    under autocast; norms and clipped sums accumulate in full precision)."""
+    dt = norm_dtype(torch.promote_types(calls[0].ctx.dtype, calls[0].grad.dtype))
+    return [pad_input(module, c.ctx.to(dt)) for c in calls], [c.grad.to(dt) for c in calls]
+
+
 def conv_per_sample(module: Conv, xs: List[Tensor], gs: List[Tensor], names: List[str]) -> Dict[str, Tensor]:
     """Per-sample gradients, summed over calls; ``xs`` are the padded inputs."""
     out: Dict[str, Tensor] = {}
@@ -91,15 +98,14 @@ class ConvGhostGrads(LayerGrads):
         self.module, self.xs, self.gs, self.names = module, xs, gs, names
         self.norms_sq = {}
         if "weight" in names:
-            dt = norm_dtype(gs[0].dtype)
-            u = torch.cat([unfold(module, x) for x in xs], -1).to(dt)
-            g = torch.cat([grouped_grad(module, g) for g in gs], -1).to(dt)
+            u = torch.cat([unfold(module, x) for x in xs], -1)
+            g = torch.cat([grouped_grad(module, g) for g in gs], -1)
             uu = torch.matmul(u.transpose(-1, -2), u)
             gg = torch.matmul(g.transpose(-1, -2), g)
             self.norms_sq["weight"] = (uu * gg).sum((1, 2, 3))
         if "bias" in names:
             self.gsum = bias_per_sample(gs)
-            self.norms_sq["bias"] = self.gsum.to(norm_dtype(self.gsum.dtype)).square().sum(1)
+            self.norms_sq["bias"] = self.gsum.square().sum(1)
 
     def clipped_sum(self, factors: Dict[str, Tensor]) -> Dict[str, Tensor]:
         out = {}
@@ -133,11 +139,10 @@ class ConvRule(Rule):
         return x.detach()
 
     def per_sample(self, module: Conv, calls: List[Call], names: List[str]) -> Dict[str, Tensor]:
-        return conv_per_sample(module, [pad_input(module, c.ctx) for c in calls], [c.grad for c in calls], names)
+        return conv_per_sample(module, *prepare(module, calls), names)
 
     def layer_grads(self, module: Conv, calls: List[Call], names: List[str], mode: str) -> LayerGrads:
-        xs = [pad_input(module, c.ctx) for c in calls]
-        gs = [c.grad for c in calls]
+        xs, gs = prepare(module, calls)
         L = sum(math.prod(g.shape[2:]) for g in gs)
         k = module.weight[0].numel()
         p = module.out_channels // module.groups
