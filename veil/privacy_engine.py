@@ -41,6 +41,7 @@ class PrivacyEngine:
         self.secure_mode = secure_mode
         self.secure_rng = None
         self.dataset = None
+        self._data_loader: Optional[DataLoader] = None
         if secure_mode:
             warnings.warn("secure_mode=True: noise and sampling use the OS's cryptographic generator; "
                           "runs cannot be reproduced from a seed.")
@@ -116,6 +117,7 @@ class PrivacyEngine:
             data_loader = DPDataLoader.from_data_loader(data_loader, generator=None,
                                                         secure_mode=self.secure_mode)
         self.dataset = data_loader.dataset
+        self._data_loader = data_loader
         dp_optimizer = DPOptimizer(
             optimizer,
             noise_multiplier=noise_multiplier,
@@ -186,11 +188,37 @@ class PrivacyEngine:
             if isinstance(optimizer, DPOptimizer):
                 ckpt["dp_optimizer_state"] = {"noise_multiplier": optimizer.noise_multiplier,
                                               "clipping": optimizer.clipping.state_dict()}
+        if not self.secure_mode:
+            ckpt["rng_state"] = self._rng_state(optimizer)
         if noise_scheduler is not None:
             ckpt["noise_scheduler_state_dict"] = noise_scheduler.state_dict()
         if grad_clip_scheduler is not None:
             ckpt["grad_clip_scheduler_state_dict"] = grad_clip_scheduler.state_dict()
         torch.save(ckpt, path, **torch_save_kwargs)
+
+    def _sampler_generator(self) -> Optional[torch.Generator]:
+        sampler = getattr(self._data_loader, "batch_sampler", None)
+        return getattr(sampler, "generator", None)
+
+    def _rng_state(self, optimizer: Optional[Optimizer]) -> Dict[str, torch.Tensor]:
+        """The random streams a resumed run must continue: torch's default, the sampler's, the noise's."""
+        state = {"torch": torch.get_rng_state()}
+        gen = self._sampler_generator()
+        if gen is not None:
+            state["sampler"] = gen.get_state()
+        noise = getattr(optimizer, "generator", None)
+        if noise is not None:
+            state["noise"] = noise.get_state()
+        return state
+
+    def _set_rng_state(self, state: Dict[str, torch.Tensor], optimizer: Optional[Optimizer]) -> None:
+        torch.set_rng_state(state["torch"])
+        gen = self._sampler_generator()
+        if gen is not None and "sampler" in state:
+            gen.set_state(state["sampler"])
+        noise = getattr(optimizer, "generator", None)
+        if noise is not None and "noise" in state:
+            noise.set_state(state["noise"])
 
     def load_checkpoint(
         self,
@@ -216,6 +244,9 @@ class PrivacyEngine:
             if isinstance(optimizer, DPOptimizer) and dp_state is not None:
                 optimizer.noise_multiplier = dp_state["noise_multiplier"]
                 optimizer.clipping.load_state_dict(dp_state["clipping"])
+        rng = ckpt.pop("rng_state", None)
+        if rng is not None and not self.secure_mode:
+            self._set_rng_state(rng, optimizer)
         ns = ckpt.pop("noise_scheduler_state_dict", None)
         if noise_scheduler is not None and ns is not None:
             noise_scheduler.load_state_dict(ns)

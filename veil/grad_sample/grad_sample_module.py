@@ -59,6 +59,7 @@ class ParamEntry:
     norms_sq: Tensor  # [B]
     clipped_sum: Callable[[Tensor], Tensor]  # clip factors [B] -> Σ_i c_i G_i
     per_sample: Callable[[], Tensor]
+    add_clipped_sum_: Callable[[Tensor, Tensor], None]  # (factors, out): out += Σ_i c_i G_i
 
 
 @dataclass
@@ -311,7 +312,7 @@ class GradSampleModule(nn.Module):
                 lg = rule.layer_grads(module, calls, own_names, self._mode_for_rule(rule))
                 for n in own_names:
                     p = module._parameters[n]
-                    chunk.entries.append(_entry(p, _join(name, n), lg, n))
+                    chunk.entries.append(make_entry(p, _join(name, n), lg, n))
             if shared_names:
                 per = rule.per_sample(module, calls, shared_names)
                 for n in shared_names:
@@ -319,7 +320,7 @@ class GradSampleModule(nn.Module):
                     shared.setdefault(id(p), (p, []))[1].append(per[n])
         for pid, (p, parts) in shared.items():
             lg = InstantiatedGrads({"w": torch.stack(parts).sum(0)})
-            chunk.entries.append(_entry(p, self._param_names[pid], lg, "w"))
+            chunk.entries.append(make_entry(p, self._param_names[pid], lg, "w"))
         for e in chunk.entries:
             if not bool(torch.isfinite(e.norms_sq).all()):
                 errors.append(e.name)
@@ -362,11 +363,12 @@ def _join(prefix: str, name: str) -> str:
     return f"{prefix}.{name}" if prefix else name
 
 
-def _entry(p: nn.Parameter, qualname: str, lg: LayerGrads, key: str) -> ParamEntry:
+def make_entry(p: nn.Parameter, qualname: str, lg: LayerGrads, key: str) -> ParamEntry:
     return ParamEntry(
         param=p,
         name=qualname,
         norms_sq=lg.norms_sq[key],
         clipped_sum=lambda c, lg=lg, key=key: lg.clipped_sum({key: c})[key],
         per_sample=lambda lg=lg, key=key: lg.per_sample()[key],
+        add_clipped_sum_=lambda c, out, lg=lg, key=key: lg.add_clipped_sum_(key, c, out),
     )

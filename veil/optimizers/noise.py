@@ -1,14 +1,14 @@
-"""Gaussian noise for the summed gradients, drawn fast: one flat buffer filled by several threads.
+"""Gaussian noise for the summed gradients, drawn fast and added in place.
 
-torch draws normals on CPU with one thread per generator, so a step's noise (one draw per
-parameter) is split into slices, each filled in place by its own generator on its own thread.
+torch draws normals on CPU with one thread per generator, so each block of noise is split into
+slices, each filled in place by its own generator on its own thread.
 The generators are seeded per step from the user's generator (or torch's default one), so a seeded
 run is reproducible. In secure mode the OS's cryptographic generator is used instead.
 """
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
-from typing import List, Optional
+from typing import Optional
 
 import torch
 
@@ -42,24 +42,24 @@ def gaussian_(buffer: Tensor, std: float, generator: Optional[torch.Generator] =
     return buffer
 
 
-def noise_like(params: List[Tensor], std: float, generator: Optional[torch.Generator] = None,
-               dtype: Optional[torch.dtype] = None, secure: bool = False) -> List[Tensor]:
-    """One noise tensor per parameter (views of one flat buffer)."""
-    if not params:
-        return []
-    device = params[0].device
-    dtype = dtype or torch.promote_types(params[0].dtype, torch.float32)
-    total = sum(p.numel() for p in params)
-    if secure:
-        from ..utils.secure_rng import secure_normal
+def add_gaussian_(flat: Tensor, std: float, generator: Optional[torch.Generator] = None,
+                  secure: bool = False, block: int = 1 << 18) -> Tensor:
+    """Add i.i.d. N(0, std²) to every element of the 1-D ``flat`` in place.
 
-        flat = secure_normal((total,), std, dtype=dtype, device=device)
-    elif std == 0:
-        flat = torch.zeros(total, dtype=dtype, device=device)
-    else:
-        flat = gaussian_(torch.empty(total, dtype=dtype, device=device), std, generator)
-    out, i = [], 0
-    for p in params:
-        out.append(flat[i : i + p.numel()].view(p.shape))
-        i += p.numel()
-    return out
+    The noise is drawn block by block into a scratch buffer of at most ``block`` elements, so a
+    step needs no second parameter-sized buffer.
+    """
+    if std == 0 or flat.numel() == 0:
+        return flat
+    scratch = torch.empty(min(block, flat.numel()), dtype=flat.dtype, device=flat.device)
+    for start in range(0, flat.numel(), block):
+        part = flat[start : start + block]
+        buf = scratch[: part.numel()]
+        if secure:
+            from ..utils.secure_rng import secure_normal
+
+            buf.copy_(secure_normal((part.numel(),), 1.0, dtype=flat.dtype, device=flat.device))
+        else:
+            gaussian_(buf, 1.0, generator)
+        part.add_(buf, alpha=std)
+    return flat

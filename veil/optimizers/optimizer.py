@@ -14,10 +14,10 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 
-from ..grad_sample.grad_sample_module import Chunk, GradSampleModule, ParamEntry, PrivacyLeakError
+from ..grad_sample.grad_sample_module import Chunk, GradSampleModule, PrivacyLeakError, make_entry
 from ..grad_sample.rules.base import InstantiatedGrads
 from .clipping import ClippingStrategy, make_strategy
-from .noise import noise_like
+from .noise import add_gaussian_
 
 Tensor = torch.Tensor
 
@@ -76,7 +76,8 @@ class DPOptimizer(Optimizer):
         self._skip_next = False
         self._is_last_step_skipped = False
         self._gsm: Optional[GradSampleModule] = None
-        self._summed: Dict[int, Tensor] = {}
+        self._summed: Dict[int, Tensor] = {}  # id(param) -> view of a flat buffer in self._flats
+        self._flats: List[Tensor] = []
         self._chunks = 0  # backward passes since the last step() call
         self._iterations = 0  # most backward passes between two step() calls in this logical batch
         self._errors: List[str] = []
@@ -152,12 +153,23 @@ class DPOptimizer(Optimizer):
         entries = [e for e in chunk.entries if id(e.param) in self._in_optimizer]
         factors = self.clipping.factors(entries, chunk.batch_size)
         for e, c in zip(entries, factors):
-            s = e.clipped_sum(c)
-            key = id(e.param)
-            if key in self._summed:
-                self._summed[key].add_(s)
-            else:
-                self._summed[key] = s
+            e.add_clipped_sum_(c, self._grad_buffer(e.param))
+
+    def _grad_buffer(self, p: Tensor) -> Tensor:
+        """This logical batch's gradient of ``p``: a view of one flat buffer per dtype (at least fp32)."""
+        if not self._summed:
+            by_dtype: Dict[torch.dtype, List[Tensor]] = {}
+            for q in self.params:
+                if q.requires_grad:
+                    by_dtype.setdefault(torch.promote_types(q.dtype, torch.float32), []).append(q)
+            for dtype, group in by_dtype.items():
+                flat = torch.zeros(sum(q.numel() for q in group), dtype=dtype, device=group[0].device)
+                self._flats.append(flat)
+                i = 0
+                for q in group:
+                    self._summed[id(q)] = flat[i : i + q.numel()].view(q.shape)
+                    i += q.numel()
+        return self._summed[id(p)]
 
     def _accumulate_grad_sample(self) -> None:
         """No engine attached: take per-sample gradients from ``p.grad_sample`` (Opacus's interface)."""
@@ -172,11 +184,7 @@ class DPOptimizer(Optimizer):
             B = gs.shape[0]
             if self.loss_reduction == "mean":
                 gs = gs * B
-            lg = InstantiatedGrads({"w": gs})
-            entries.append(
-                ParamEntry(p, f"param{len(entries)}", lg.norms_sq["w"], lambda c, lg=lg: lg.clipped_sum({"w": c})["w"],
-                           lambda lg=lg: lg.grads["w"])
-            )
+            entries.append(make_entry(p, f"param{len(entries)}", InstantiatedGrads({"w": gs}), "w"))
             p.grad_sample = None
         if B is not None:
             self._accumulate(Chunk(batch_size=B, entries=entries,
@@ -225,18 +233,15 @@ class DPOptimizer(Optimizer):
         std = self.clipping.noise_std(self.noise_multiplier)
         denom = self.expected_batch_size * self.accumulated_iterations if self.loss_reduction == "mean" else 1
         params = [p for p in self.params if p.requires_grad]
-        by_dtype: Dict[torch.dtype, List[nn.Parameter]] = {}
+        if params:
+            self._grad_buffer(params[0])
+        for flat in self._flats:
+            add_gaussian_(flat, std, self.generator, secure=self.secure_mode)
+            if denom != 1:
+                flat.div_(denom)
         for p in params:
-            by_dtype.setdefault(torch.promote_types(p.dtype, torch.float32), []).append(p)
-        for dtype, group in by_dtype.items():
-            noises = noise_like(group, std, self.generator, dtype=dtype, secure=self.secure_mode)
-            for p, g in zip(group, noises):
-                s = self._summed.get(id(p))
-                if s is not None:
-                    g.add_(s)
-                if denom != 1:
-                    g.div_(denom)
-                p.grad = g if g.dtype == p.dtype else g.to(p.dtype)
+            g = self._summed[id(p)]
+            p.grad = g if g.dtype == p.dtype else g.to(p.dtype)
         self._is_last_step_skipped = False
         return True
 
@@ -257,6 +262,7 @@ class DPOptimizer(Optimizer):
 
     def _reset(self) -> None:
         self._summed = {}
+        self._flats = []
         self._chunks = 0
         self._iterations = 0
         self._errors = []

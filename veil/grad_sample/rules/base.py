@@ -45,6 +45,10 @@ class LayerGrads:
         """The per-sample gradients themselves, shape [B, *param.shape]."""
         raise NotImplementedError
 
+    def add_clipped_sum_(self, name: str, factors: Tensor, out: Tensor) -> None:
+        """out += Σ_i factors_i · G_i for one parameter; rules may override to skip the temporary."""
+        out.add_(self.clipped_sum({name: factors})[name])
+
 
 def norm_dtype(dtype: torch.dtype) -> torch.dtype:
     """Norms and clip factors are never computed in less than fp32."""

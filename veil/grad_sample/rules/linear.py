@@ -69,6 +69,13 @@ class LinearGhostGrads(LayerGrads):
     def per_sample(self) -> Dict[str, Tensor]:
         return linear_per_sample(self.a, self.g, self.names)
 
+    def add_clipped_sum_(self, name: str, factors: Tensor, out: Tensor) -> None:
+        if name != "weight" or out.dtype != self.g.dtype:
+            return super().add_clipped_sum_(name, factors, out)
+        B, T, p = self.g.shape
+        gc = (self.g * factors.view(B, 1, 1)).reshape(B * T, p)
+        out.addmm_(gc.t(), self.a.reshape(B * T, self.a.shape[-1]))
+
 
 def linear_per_sample(a: Tensor, g: Tensor, names: List[str]) -> Dict[str, Tensor]:
     out = {}

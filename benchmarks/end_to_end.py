@@ -1,0 +1,198 @@
+"""End-to-end benchmark: DP step / plain step, time and peak memory, with Opacus as an optional peer.
+
+Each step is forward + backward + optimizer step. DP runs through PrivacyEngine-equivalent objects
+(GradSampleModule in the default mode + DPOptimizer with σ=1, C=1); plain uses torch.nn layers and
+torch.optim.SGD. Times are medians of interleaved repeats in one process. Peak memory is the growth
+of the process's peak RSS over its resting RSS during a few steps, each measured in a fresh process.
+
+    python benchmarks/end_to_end.py [--repeats 20] [--no-opacus] [--no-memory]
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import subprocess
+import sys
+from typing import Callable, Dict
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks.common import interleaved_times, markdown_table  # noqa: E402
+from benchmarks.workloads import workloads  # noqa: E402
+
+
+def plain_step(model, batch) -> Callable[[], None]:
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    x, y = batch
+
+    def step():
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+
+    return step
+
+
+def veil_step(model, batch, mode: str = "auto") -> Callable[[], None]:
+    from veil import GradSampleModule
+    from veil.optimizers import DPOptimizer
+
+    gsm = GradSampleModule(model, mode=mode)
+    x, y = batch
+    opt = DPOptimizer(torch.optim.SGD(gsm.parameters(), lr=0.01), noise_multiplier=1.0, max_grad_norm=1.0,
+                      expected_batch_size=len(y))
+
+    def step():
+        opt.zero_grad()
+        F.cross_entropy(gsm(x), y).backward()
+        opt.step()
+
+    return step
+
+
+def opacus_step(model, batch, mode: str) -> Callable[[], None]:
+    import warnings
+
+    from opacus import GradSampleModule as OGSM
+    from opacus.optimizers import DPOptimizer as ODPOptimizer
+
+    warnings.filterwarnings("ignore")
+    x, y = batch
+    if mode == "ghost":
+        from opacus.grad_sample import GradSampleModuleFastGradientClipping
+        from opacus.optimizers import DPOptimizerFastGradientClipping
+        from opacus.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping
+
+        gsm = GradSampleModuleFastGradientClipping(model, max_grad_norm=1.0, use_ghost_clipping=True)
+        opt = DPOptimizerFastGradientClipping(torch.optim.SGD(gsm.parameters(), lr=0.01), noise_multiplier=1.0,
+                                              max_grad_norm=1.0, expected_batch_size=len(y))
+        crit = DPLossFastGradientClipping(gsm, opt, torch.nn.CrossEntropyLoss(reduction="mean"))
+
+        def step():
+            opt.zero_grad()
+            crit(gsm(x), y).backward()
+            opt.step()
+
+        return step
+    gsm = OGSM(model)
+    opt = ODPOptimizer(torch.optim.SGD(gsm.parameters(), lr=0.01), noise_multiplier=1.0, max_grad_norm=1.0,
+                       expected_batch_size=len(y))
+
+    def step():
+        opt.zero_grad()
+        F.cross_entropy(gsm(x), y).backward()
+        opt.step()
+
+    return step
+
+
+def opacus_model(name: str, plain_builder):
+    """Opacus needs its own DP layers for attention and LSTM."""
+    from benchmarks.workloads import CharLSTM, TransformerBlock
+
+    if name.startswith("Transformer"):
+        from opacus.layers import DPMultiheadAttention
+
+        return TransformerBlock(attention=DPMultiheadAttention)
+    if name.startswith("char-LSTM"):
+        from opacus.layers import DPLSTM
+
+        return CharLSTM(lstm=DPLSTM)
+    return plain_builder()
+
+
+def memory_child(name: str, which: str, seq_len: int) -> None:
+    """Runs in a fresh process: prints the peak-RSS growth of 3 steps over the resting RSS, in bytes."""
+    torch.manual_seed(0)
+    plain_b, dp_b, batch_b = workloads(seq_len)[name]
+    batch = batch_b()
+    step = plain_step(plain_b(), batch) if which == "plain" else veil_step(dp_b(), batch)
+    rest = _status_kib("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:  # resets VmHWM, the peak RSS, to the current RSS
+        f.write("5")
+    for _ in range(3):
+        step()
+    print(json.dumps({"growth": max(_status_kib("VmHWM") - rest, 1) * 1024}))
+
+
+def _status_kib(key: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    raise KeyError(key)
+
+
+def measure_memory(name: str, seq_len: int) -> Dict[str, int]:
+    out = {}
+    for which in ("plain", "veil"):
+        res = subprocess.run([sys.executable, __file__, "--memory-child", name, which, str(seq_len)],
+                             capture_output=True, text=True, check=True)
+        out[which] = json.loads(res.stdout.strip().splitlines()[-1])["growth"]
+    return out
+
+
+def main(argv=None) -> str:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--repeats", type=int, default=20)
+    ap.add_argument("--seq-len", type=int, default=64)
+    ap.add_argument("--no-opacus", action="store_true")
+    ap.add_argument("--no-memory", action="store_true")
+    ap.add_argument("--only", default=None, help="substring of the workloads to run")
+    ap.add_argument("--memory-child", nargs=3, default=None)
+    args = ap.parse_args(argv)
+    if args.memory_child:
+        memory_child(args.memory_child[0], args.memory_child[1], int(args.memory_child[2]))
+        return ""
+    try:
+        import opacus  # noqa: F401
+
+        have_opacus = not args.no_opacus
+    except ImportError:
+        have_opacus = False
+    rows = []
+    for name, (plain_b, dp_b, batch_b) in workloads(args.seq_len).items():
+        if args.only and args.only not in name:
+            continue
+        torch.manual_seed(0)
+        batch = batch_b()
+        try:
+            dp_model = dp_b()
+        except ImportError as e:
+            rows.append({"workload": name, "plain ms": "-", "Veil ms": "-", "Veil / plain": f"skipped ({e})"})
+            continue
+        plain_model = plain_b()
+        fns = {"plain": plain_step(plain_model, batch), "veil": veil_step(dp_model, batch)}
+        if have_opacus:
+            for mode in ("hooks", "ghost"):
+                try:
+                    fns[f"opacus-{mode}"] = opacus_step(opacus_model(name, plain_b), batch, mode)
+                except Exception as e:  # an optional peer: report, don't fail
+                    print(f"opacus {mode} failed on {name}: {type(e).__name__}: {e}", file=sys.stderr)
+        t = interleaved_times(fns, repeats=args.repeats)
+        row = {"workload": name, "plain ms": f"{t['plain'] * 1e3:.2f}", "Veil ms": f"{t['veil'] * 1e3:.2f}",
+               "Veil / plain": f"{t['veil'] / t['plain']:.2f}x"}
+        if have_opacus:
+            for mode in ("hooks", "ghost"):
+                k = f"opacus-{mode}"
+                row[f"Opacus {mode} / plain"] = f"{t[k] / t['plain']:.2f}x" if k in t else "failed"
+        if not args.no_memory:
+            mem = measure_memory(name, args.seq_len)
+            row["peak mem Veil / plain"] = f"{mem['veil'] / mem['plain']:.2f}x ({mem['veil'] / 2**20:.0f}/{mem['plain'] / 2**20:.0f} MiB)"
+        rows.append(row)
+        print(row, file=sys.stderr)
+    cols = set().union(*rows)
+    for r in rows:
+        for c in cols:
+            r.setdefault(c, "")
+    table = markdown_table(rows)
+    print(table)
+    return table
+
+
+if __name__ == "__main__":
+    main()
