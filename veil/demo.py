@@ -59,13 +59,18 @@ def main(argv=None) -> float:
     ap.add_argument("--lr", type=float, default=2.0)
     ap.add_argument("--max-grad-norm", type=float, default=1.0)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--optimizer", choices=["sgd", "adam"], default="sgd")
+    ap.add_argument("--channels", type=int, default=16)
     args = ap.parse_args(argv)
 
     torch.manual_seed(args.seed)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     train, test = load(args.seed)
-    model = DigitsCNN()
-    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9)
+    model = DigitsCNN(args.channels)
+    if args.optimizer == "adam":
+        optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
+    else:
+        optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9)
     loader = DataLoader(train, batch_size=args.batch_size, shuffle=True)
 
     engine = PrivacyEngine()
