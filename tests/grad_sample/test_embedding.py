@@ -15,7 +15,7 @@ def tanh_loss(y, i):
     return (torch.tanh(y) * w).sum()
 
 
-@settings(max_examples=30, deadline=None)
+@settings(max_examples=40, deadline=None)
 @given(
     B=st.integers(0, 4),
     T=st.one_of(st.just(None), st.integers(1, 5)),
@@ -66,7 +66,7 @@ class Bags(nn.Module):
         return y
 
 
-@settings(max_examples=30, deadline=None)
+@settings(max_examples=40, deadline=None)
 @given(
     B=st.integers(0, 4),
     L=st.integers(1, 5),

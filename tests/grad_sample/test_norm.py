@@ -36,7 +36,7 @@ def randomise(module: nn.Module) -> nn.Module:
     return module
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=30, deadline=None)
 @given(
     B=st.integers(0, 4),
     lead=st.lists(st.integers(1, 3), max_size=2),
@@ -61,7 +61,7 @@ def test_layer_and_rms_norm_match_brute_force(B, lead, normalized, rms, bias, fr
     assert_matches_reference(Twice(layer, calls), (x,), tanh_loss, B, batch_first=batch_first)
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=30, deadline=None)
 @given(
     B=st.integers(0, 4),
     kind=st.sampled_from(["group", "instance"]),

@@ -84,7 +84,13 @@ def conv_per_sample(module: Conv, xs: List[Tensor], gs: List[Tensor], names: Lis
 
 
 def bias_per_sample(gs: List[Tensor]) -> Tensor:
+    """Σ of the output gradients over positions and calls: [B, C_out]."""
     return sum(g.sum(tuple(range(2, g.dim()))) for g in gs)
+
+
+def scale_samples(g: Tensor, c: Tensor) -> Tensor:
+    """g with sample i scaled by c[i]."""
+    return g * c.to(g.dtype).view(-1, *[1] * (g.dim() - 1))
 
 
 class ConvGhostGrads(LayerGrads):
@@ -111,10 +117,10 @@ class ConvGhostGrads(LayerGrads):
         out = {}
         m = self.module
         if "weight" in factors:
+            c = factors["weight"]
             weight_grad = _WEIGHT_GRAD[len(m.kernel_size)]
             out["weight"] = sum(
-                weight_grad(x, m.weight.shape, g * factors["weight"].to(g.dtype).view(-1, *[1] * (g.dim() - 1)),
-                            stride=m.stride, dilation=m.dilation, groups=m.groups)
+                weight_grad(x, m.weight.shape, scale_samples(g, c), stride=m.stride, dilation=m.dilation, groups=m.groups)
                 for x, g in zip(self.xs, self.gs)
             )
         if "bias" in factors:

@@ -7,10 +7,10 @@ mean bags). The rule sums the token rows per (sample, id) into one small buffer;
 ‖G_i‖² = Σ_{s,t: id_s = id_t} w_s w_t g_s·g_t and the clipped sum (one index_add into a [V, D]
 table) follow without ever forming B copies of the table. Rows of ``padding_idx`` get no gradient.
 
-For nn.Embedding, ``scale_grad_by_freq`` divides each token's contribution by how often its id occurs in the same
-sample (in the same call); PyTorch counts over the whole batch, which would make one sample's
-gradient depend on the others, so under DP the count is per sample, as in one-sample-at-a-time
-autograd.
+For nn.Embedding, ``scale_grad_by_freq`` divides each token's contribution by how often its id
+occurs in the same sample (in the same call). PyTorch counts over the whole batch, which would make
+one sample's gradient depend on the others; under DP the count is per sample, as in
+one-sample-at-a-time autograd.
 """
 from __future__ import annotations
 
@@ -71,24 +71,16 @@ def per_sample_freq(sample: Tensor, ids: Tensor) -> Tensor:
     return counts[inv]
 
 
-def scatter_grads(module: AnyEmbedding, tokens: List[Tuple[Tensor, Tensor, Tensor]], B: int) -> EmbeddingScatterGrads:
-    """Gather the (sample, id, row) token contributions of all calls, dropping ``padding_idx``."""
-    sample, ids, rows = (torch.cat(parts) for parts in zip(*tokens))
-    if module.padding_idx is not None:
-        keep = ids != module.padding_idx
-        sample, ids, rows = sample[keep], ids[keep], rows[keep]
-    return EmbeddingScatterGrads(sample, ids, rows, B, module.num_embeddings)
-
-
 class _ScatterRule(Rule):
-    """Shared by both layers: ``tokens`` turns the calls into (sample, id, row) triples."""
+    """Shared by both layers: ``tokens`` turns each call into (sample, id, row) triples."""
 
     def tokens(self, module: AnyEmbedding, call: Call) -> Tuple[Tensor, Tensor, Tensor]:
+        """One call's token contributions, in at least fp32, without ``padding_idx`` tokens."""
         raise NotImplementedError
 
     def scatter(self, module: AnyEmbedding, calls: List[Call]) -> EmbeddingScatterGrads:
-        B = calls[0].grad.shape[0]
-        return scatter_grads(module, [self.tokens(module, c) for c in calls], B)
+        sample, ids, rows = (torch.cat(parts) for parts in zip(*(self.tokens(module, c) for c in calls)))
+        return EmbeddingScatterGrads(sample, ids, rows, calls[0].grad.shape[0], module.num_embeddings)
 
     def per_sample(self, module: AnyEmbedding, calls: List[Call], names: List[str]) -> Dict[str, Tensor]:
         return self.scatter(module, calls).per_sample()
@@ -118,6 +110,9 @@ class EmbeddingRule(_ScatterRule):
         rows = g.reshape(-1, module.embedding_dim).to(norm_dtype(g.dtype))
         if module.scale_grad_by_freq and len(ids):
             rows = rows / per_sample_freq(sample, ids).unsqueeze(1)
+        if module.padding_idx is not None:
+            keep = ids != module.padding_idx
+            sample, ids, rows = sample[keep], ids[keep], rows[keep]
         return sample, ids, rows
 
 
@@ -126,7 +121,8 @@ class EmbeddingBagRule(_ScatterRule):
     """nn.EmbeddingBag in mode 'sum' or 'mean': bags are the samples (row i of 2-D input, or bag i)."""
 
     def capture(self, module: nn.EmbeddingBag, args: tuple, kwargs: dict, batch_first: bool):
-        """Each looked-up id as (bag, id, weight, divisor): its row is the bag's gradient · weight / divisor.
+        """Each looked-up id, ``padding_idx`` dropped, as (bag, id, per-sample weight, divisor):
+        its row is the bag's output gradient · weight / divisor.
 
         The divisor is the number of non-padding ids in the bag for mean bags (an integer, so exact
         in any precision).
@@ -149,20 +145,20 @@ class EmbeddingBagRule(_ScatterRule):
         x, offsets, psw = (given.get(n) for n in names)
         sample, pos = bag_positions(module, x, offsets)
         ids = x.reshape(-1)[pos]
-        weight = None if psw is None else psw.detach().reshape(-1)[pos]
+        psw = None if psw is None else psw.detach().reshape(-1)[pos]
         if module.padding_idx is not None:
             keep = ids != module.padding_idx
             sample, ids = sample[keep], ids[keep]
-            weight = None if weight is None else weight[keep]
+            psw = None if psw is None else psw[keep]
         divisor = torch.bincount(sample)[sample] if module.mode == "mean" else None
-        return sample, ids, weight, divisor
+        return sample, ids, psw, divisor
 
     def tokens(self, module: nn.EmbeddingBag, call: Call) -> Tuple[Tensor, Tensor, Tensor]:
-        sample, ids, weight, divisor = call.ctx
+        sample, ids, psw, divisor = call.ctx
         g = call.grad.to(norm_dtype(call.grad.dtype))
         rows = g[sample]
-        if weight is not None:
-            rows = rows * weight.to(g.dtype).unsqueeze(1)
+        if psw is not None:
+            rows = rows * psw.to(g.dtype).unsqueeze(1)
         if divisor is not None:
             rows = rows / divisor.unsqueeze(1)
         return sample, ids, rows
