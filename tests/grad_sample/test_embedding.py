@@ -7,7 +7,6 @@ from tests.reference import assert_matches_reference, engine_chunk
 from veil.grad_sample.rules.base import Call, rule_for
 from veil.grad_sample.rules.embedding import EmbeddingScatterGrads
 
-torch.set_default_dtype(torch.float64)
 
 
 def tanh_loss(y, i):

@@ -4,7 +4,6 @@ from torch import nn
 
 from tests.reference import assert_matches_reference
 
-torch.set_default_dtype(torch.float64)
 
 
 @settings(max_examples=25, deadline=None)

@@ -8,7 +8,6 @@ from torch import nn
 from tests.reference import assert_matches_reference, engine_chunk
 from veil.grad_sample.rules.base import Call, InstantiatedGrads, rule_for
 
-torch.set_default_dtype(torch.float64)
 
 
 def tanh_loss(y, i):

@@ -24,6 +24,9 @@ class FunctorchRule(Rule):
 
     sequence_input = True
 
+    def feature_dims(self, module: nn.Module) -> int:
+        return 0
+
     def capture(self, module: nn.Module, args: tuple, kwargs: dict, batch_first: bool):
         bdims = tuple(0 if batch_first or not isinstance(a, Tensor) or a.dim() < 2 else 1 for a in args)
         args = tuple(a.detach().movedim(b, 0) if isinstance(a, Tensor) else a for a, b in zip(args, bdims))

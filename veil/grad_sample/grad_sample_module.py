@@ -17,6 +17,7 @@ an error naming it, never trained on.
 """
 from __future__ import annotations
 
+import contextlib
 import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
@@ -236,8 +237,13 @@ class GradSampleModule(nn.Module):
         if output is None:
             return None
         _, rule = self._rules[module]
-        ctx = rule.capture(module, args, kwargs, self.batch_first)
+        seq_first = (
+            rule.sequence_input and not self.batch_first and bool(args) and isinstance(args[0], Tensor)
+            and args[0].dim() >= rule.feature_dims(module) + 2
+        )
+        ctx = rule.capture(module, args, kwargs, not seq_first)
         call = Call(ctx=ctx, forward_id=self._forward_id)
+        call.seq_first = seq_first
         call.names = names
         call.versions = [(t, t._version) for t in _tensors_in(ctx)]
         flat, spec = tree_flatten(output)
@@ -258,12 +264,13 @@ class GradSampleModule(nn.Module):
 
     def _backward_end(self) -> None:
         pending, self._pending, self._scheduled = self._pending, [], False
-        with torch.no_grad():
+        # backward() may run inside an autocast region; norms and clipped sums must not be downcast
+        with torch.no_grad(), torch.autocast("cpu", enabled=False), _no_cuda_autocast():
             chunk = self._make_chunk(pending)
-        if self.consumer is not None:
-            self.consumer(chunk)
-        else:
-            self._store_grad_sample(chunk)
+            if self.consumer is not None:
+                self.consumer(chunk)
+            else:
+                self._store_grad_sample(chunk)
 
     def _make_chunk(self, pending) -> Chunk:
         fids = {call.forward_id for _, call in pending}
@@ -290,7 +297,7 @@ class GradSampleModule(nn.Module):
                             "its per-sample gradient would be wrong. Remove the in-place operation "
                             "(e.g. use x = x + y instead of x += y)."
                         )
-                call.grad = self._normalise_grad(rule, call.grad)
+                call.grad = self._normalise_grad(call.seq_first, call.grad)
                 g0 = call.grad[0] if isinstance(call.grad, tuple) else call.grad
                 batch_sizes.add(g0.shape[0])
         if len(batch_sizes) > 1:
@@ -331,9 +338,9 @@ class GradSampleModule(nn.Module):
             return "instantiate"
         return "auto" if self.mode == "functorch" else self.mode
 
-    def _normalise_grad(self, rule: Rule, grad):
+    def _normalise_grad(self, seq_first: bool, grad):
         def one(g: Tensor) -> Tensor:
-            if rule.sequence_input and not self.batch_first and g.dim() >= 2:
+            if seq_first and g.dim() >= 2:
                 g = g.movedim(1, 0)
             if self.loss_reduction == "mean":
                 g = g * g.shape[0]
@@ -357,6 +364,12 @@ class GradSampleModule(nn.Module):
             if hasattr(p, "grad_sample"):
                 p.grad_sample = None
         self._pending = []
+
+
+def _no_cuda_autocast():
+    if torch.cuda.is_available():
+        return torch.autocast("cuda", enabled=False)
+    return contextlib.nullcontext()
 
 
 def _join(prefix: str, name: str) -> str:

@@ -80,11 +80,18 @@ class Rule:
     """Base class of a layer rule. Subclasses set ``module_types`` and implement ``per_sample``."""
 
     module_types: Sequence[Type[nn.Module]] = ()
-    #: True when the module's input has a sequence dimension whose position follows ``batch_first``.
+    #: True when the module's input may have a sequence dimension whose position follows ``batch_first``.
     sequence_input: bool = False
 
+    def feature_dims(self, module: nn.Module) -> int:
+        """Trailing dimensions of one position's input (Linear: 1); an input with at least two more
+        dimensions than this has a sequence dimension, which comes first when not ``batch_first``."""
+        return 1
+
     def capture(self, module: nn.Module, args: tuple, kwargs: dict, batch_first: bool) -> Any:
-        """What to keep from forward; default: the first positional input, batch in dim 0."""
+        """What to keep from forward; default: the first positional input, batch in dim 0.
+
+        ``batch_first`` is False only when the input is [T, B, ...] (the engine has checked)."""
         x = args[0]
         if self.sequence_input and not batch_first:
             x = x.movedim(1, 0)

@@ -97,6 +97,9 @@ class EmbeddingRule(_ScatterRule):
 
     sequence_input = True
 
+    def feature_dims(self, module: nn.Embedding) -> int:
+        return 0
+
     def capture(self, module: nn.Embedding, args: tuple, kwargs: dict, batch_first: bool) -> Tensor:
         check_supported(module)
         return super().capture(module, args, kwargs, batch_first)

@@ -63,6 +63,9 @@ class LayerNormRule(_AffineNormRule):
 
     sequence_input = True
 
+    def feature_dims(self, module: nn.LayerNorm) -> int:
+        return len(module.normalized_shape)
+
     def normalise(self, module: nn.LayerNorm, x: Tensor, dtype: torch.dtype) -> Tensor:
         return F.layer_norm(x.to(dtype), module.normalized_shape, eps=module.eps)
 
