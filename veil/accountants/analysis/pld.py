@@ -192,6 +192,7 @@ class PLDResult:
     reason: str = ""
     grid_step: float = 0.0
     fft_size: int = 0
+    tilt: float = 0.0
 
 
 def _log_hockey_const(lam: np.ndarray) -> np.ndarray:
@@ -205,7 +206,10 @@ def _epsilon_one_direction(
     delta: float,
     delta_error: float,
     lam_hint: float,
-) -> tuple[float, int]:
+    eps_floor: float = -math.inf,
+) -> tuple[float, int, float]:
+    """Epsilon of one direction, or ``eps_floor`` if delta(eps_floor) <= delta is
+    already certified by the Chernoff bound.  Returns (eps, fft size, tilt)."""
     h = plds[0].h
     t_total = float(sum(counts))
     # Mass at +infinity of the composition (exact, pessimistic).
@@ -223,6 +227,8 @@ def _epsilon_one_direction(
     # Chernoff-type upper bound on epsilon: delta <= p_inf + e^{K - lam eps} c(lam)
     eps_ch = (kgrid + _log_hockey_const(lams) - math.log(budget)) / lams
     i_t = int(np.argmin(eps_ch))
+    if eps_ch[i_t] <= eps_floor:
+        return eps_floor, 0, float(lams[i_t])
     lam = float(lams[i_t])
     eps_upper = float(eps_ch[i_t])
     k_lam = float(kgrid[i_t])
@@ -246,13 +252,30 @@ def _epsilon_one_direction(
 
     # Window [A, A + W) on the loss axis.
     eta_hi = 0.25 * delta_error  # mass lost above the window (charged to delta)
-    eta_lo = 1e-3 * delta_error  # aliasing from below (only inflates delta)
-    top = float(np.min((kgrid - math.log(eta_hi)) / lams))
+    eta_alias = 1e-3 * delta_error  # aliasing into the region used (only inflates delta)
+    top_min = float(np.min((kgrid - math.log(eta_hi)) / lams))
+    # Mass above the window re-enters at the bottom amplified by e^{lam*W}; its
+    # effect on losses >= e is at most
+    #   sum_m e^{lam m W} P(S >= e + m W) <= e^{K(l') - l' e - (l'-lam) W} / (1 - e^{-(l'-lam) W})
+    # for any l' > lam (Chernoff).  ``width_for(e)`` makes that <= eta_alias.
+    lam_up = lam * np.array([1.25, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0, 32.0])
+    k_up = np.zeros(len(lam_up))
+    for p, c in zip(plds, counts):
+        k_up += c * p.log_mgf(lam_up)
+
+    def log_alias_above(e: float, w: float) -> float:
+        gap = (lam_up - lam) * w
+        return float(np.min(k_up - lam_up * e - gap - np.log(-np.expm1(-gap))))
+
+    def width_for(e: float) -> float:
+        return float(np.min((k_up - lam_up * e - math.log(eta_alias)) / (lam_up - lam))) + 2.0 * h
+
     span = 8.0 * sd_t + (math.log(max(lam * sd_t, 1.0) + 1.0) + 8.0) / lam
     bottom = min(eps_upper, mean_t) - span
-    width = max(top - bottom, math.log(1.0 / eta_lo) / lam, 64 * h)
-    bottom = top - width
-    for _attempt in range(4):
+    e_guess = max(bottom, min(eps_upper, mean_t) - 3.0 * sd_t)
+    # aliasing from below is damped by e^{-lam W}
+    width = max(top_min - bottom, math.log(1.0 / eta_alias) / lam, width_for(e_guess), 64 * h)
+    for _attempt in range(6):
         n_fft = next_fast_len(int(math.ceil(width / h)) + 2, real=True)
         if n_fft > MAX_FFT_SIZE:
             raise _GridTooLarge(f"FFT size {n_fft}")
@@ -289,8 +312,8 @@ def _epsilon_one_direction(
         k = int(np.searchsorted(-delta_grid, -target, side="left"))
         if k == 0:
             # the answer lies below the window: extend it downwards
+            bottom -= width
             width *= 2.0
-            bottom = top - width
             continue
         if k >= n_fft:
             raise _Uncertified("window too low")
@@ -299,10 +322,13 @@ def _epsilon_one_direction(
         slack = eta_hi + roundoff
         if slack > delta_error:
             raise _Uncertified(f"round-off bound {roundoff:.3g} exceeds delta_error {delta_error:.3g}")
+        if log_alias_above(float(loss[k - 1]), n_fft * h) > math.log(eta_alias):
+            width = max(width * 1.5, width_for(float(loss[k - 1])))
+            continue
         d0, d1 = float(delta_grid[k - 1]), float(delta_grid[k])
         frac = (d0 - target) / (d0 - d1) if d0 > d1 else 1.0
         eps = float(loss[k - 1]) + math.log1p(frac * math.expm1(h))
-        return eps, n_fft
+        return eps, n_fft, lam
     raise _Uncertified("could not place the window")
 
 
@@ -332,24 +358,39 @@ def pld_epsilon(
         delta_error = 1e-3 * delta
     t_total = float(sum(b[2] for b in blocks))
     h = choose_grid_step(t_total, eps_hint, lam_hint, eps_error, rel_error)
+    result = _pld_epsilon_at_step(blocks, delta, delta_error, h, lam_hint)
+    if result.epsilon is not None:
+        # Refine the grid with the better estimates (epsilon, saddle point) if needed.
+        h2 = choose_grid_step(t_total, result.epsilon, result.tilt, eps_error, rel_error)
+        if h2 < 0.7 * h:
+            refined = _pld_epsilon_at_step(blocks, delta, delta_error, h2, result.tilt)
+            if refined.epsilon is not None:
+                result = PLDResult(min(result.epsilon, refined.epsilon), "", refined.grid_step, refined.fft_size, refined.tilt)
+    return result
+
+
+def _pld_epsilon_at_step(
+    blocks: list[tuple[float, float, int]], delta: float, delta_error: float, h: float, lam_hint: float
+) -> PLDResult:
+    t_total = float(sum(b[2] for b in blocks))
     tail = 1e-3 * delta_error / t_total
-    directions = ["remove"] if all(q == 1.0 for _, q, _ in blocks) else ["remove", "add"]
-    eps_max = -math.inf
-    n_fft = 0
+    counts = [b[2] for b in blocks]
+    two_sided = any(q < 1.0 for _, q, _ in blocks)
+    reason = ""
     for _ in range(3):
         try:
-            for direction in directions:
-                plds = [discretize(s, q, h, direction, tail) for s, q, _ in blocks]
-                e, n = _epsilon_one_direction(plds, [b[2] for b in blocks], delta, delta_error, max(lam_hint, 1e-3))
-                eps_max = max(eps_max, e)
-                n_fft = max(n_fft, n)
-            return PLDResult(epsilon=max(eps_max, 0.0), grid_step=h, fft_size=n_fft)
+            plds = [discretize(s, q, h, "remove", tail) for s, q, _ in blocks]
+            eps, n_fft, lam = _epsilon_one_direction(plds, counts, delta, delta_error, max(lam_hint, 1e-3))
+            if two_sided:
+                # the "add" direction only matters if it needs a larger epsilon
+                plds = [discretize(s, q, h, "add", tail) for s, q, _ in blocks]
+                eps_add, n_add, _ = _epsilon_one_direction(plds, counts, delta, delta_error, lam, eps_floor=eps)
+                eps, n_fft = max(eps, eps_add), max(n_fft, n_add)
+            return PLDResult(epsilon=max(eps, 0.0), grid_step=h, fft_size=n_fft, tilt=lam)
         except _GridTooLarge as exc:
             # coarser grid: still a valid upper bound, just less tight
             h *= 4.0
             reason = f"grid too large ({exc})"
-            eps_max = -math.inf
-            continue
         except _Uncertified as exc:
             return PLDResult(epsilon=None, reason=str(exc), grid_step=h)
         except (FloatingPointError, OverflowError, ValueError, ZeroDivisionError) as exc:
