@@ -166,3 +166,26 @@ def test_eval_under_no_grad_records_nothing():
     with torch.no_grad():
         gsm(torch.randn(3, 8))
     assert gsm._pending == [] and gsm._stack == []
+
+
+def test_wrapping_a_model_twice_is_refused_until_the_first_is_removed():
+    model = MLP()
+    first = GradSampleModule(model)
+    with pytest.raises(ValueError, match="already watched"):
+        GradSampleModule(model)
+    first.remove_hooks()
+    GradSampleModule(model)
+
+
+def test_calling_the_unwrapped_model_still_trains_privately():
+    """Hooks sit on the layers, so calling the original model object is as good as calling the wrapper."""
+    model = MLP()
+    gsm = GradSampleModule(model)
+    opt = DPOptimizer(torch.optim.SGD(gsm.parameters(), lr=1.0), noise_multiplier=0.0, max_grad_norm=1e-3,
+                      expected_batch_size=4)
+    for _ in range(3):
+        opt.zero_grad()
+        F.cross_entropy(model(torch.randn(4, 8)), torch.randint(0, 3, (4,))).backward()
+        opt.step()
+        total = torch.cat([p.grad.flatten() for p in model.parameters()]).norm()
+        assert total <= 1e-3 + 1e-9  # clipped: the mean of 4 gradients of norm ≤ C

@@ -130,8 +130,6 @@ class GradSampleModule(nn.Module):
         self._rules: Dict[nn.Module, Tuple[str, Rule]] = {}
         self._param_names: Dict[int, str] = {}
         self._shared: set = set()
-        self._forward_id = 0
-        self._finished_forward_ids: set = set()
         self._stack: list = []
         self._pending: list = []
         self._scheduled = False
@@ -161,6 +159,13 @@ class GradSampleModule(nn.Module):
                 )
             self._rules[module] = (mname, rule)
             for n, p in own:
+                other = getattr(p, "_veil_gsm", lambda: None)()
+                if other is not None and other is not self and other._handles and other.managed(p):
+                    raise ValueError(
+                        f"Parameter '{_join(mname, n)}' is already watched by another GradSampleModule, so each "
+                        "backward pass would be counted twice. Keep using that one, or call its remove_hooks() "
+                        "first."
+                    )
                 p._veil_gsm = weakref.ref(self)
                 owners.setdefault(id(p), []).append(module)
                 self._param_names.setdefault(id(p), _join(mname, n))
@@ -213,7 +218,6 @@ class GradSampleModule(nn.Module):
 
     # ---------------------------------------------------------------- forward
     def forward(self, *args, **kwargs):
-        self._forward_id += 1
         return self._module(*args, **kwargs)
 
     def _pre_hook(self, module, args, kwargs):
@@ -242,7 +246,7 @@ class GradSampleModule(nn.Module):
             and args[0].dim() >= rule.feature_dims(module) + 2
         )
         ctx = rule.capture(module, args, kwargs, not seq_first)
-        call = Call(ctx=ctx, forward_id=self._forward_id)
+        call = Call(ctx=ctx)
         call.seq_first = seq_first
         call.names = names
         call.versions = [(t, t._version) for t in _tensors_in(ctx)]
@@ -256,6 +260,12 @@ class GradSampleModule(nn.Module):
     # --------------------------------------------------------------- backward
     def record(self, module: nn.Module, call: Call, grads: tuple) -> None:
         """Called from backward with the output gradient of one module call."""
+        if call.done or call.grad is not None:
+            raise RuntimeError(
+                "backward() ran twice through the same forward pass. Each backward pass is treated as a "
+                "new set of samples, so this would clip the same samples twice and break the privacy "
+                "guarantee. Add the losses together and call backward() once."
+            )
         call.grad = grads[0] if len(grads) == 1 else tuple(grads)
         self._pending.append((module, call))
         if not self._scheduled:
@@ -273,15 +283,6 @@ class GradSampleModule(nn.Module):
                 self._store_grad_sample(chunk)
 
     def _make_chunk(self, pending) -> Chunk:
-        fids = {call.forward_id for _, call in pending}
-        again = fids & self._finished_forward_ids
-        if again:
-            raise RuntimeError(
-                "backward() ran twice through the same forward pass. Each backward pass is treated as a "
-                "new set of samples, so this would clip the same samples twice and break the privacy "
-                "guarantee. Add the losses together and call backward() once."
-            )
-        self._finished_forward_ids = fids if len(fids) < 64 else set(list(fids)[-64:])
         by_module: Dict[nn.Module, List[Call]] = {}
         for module, call in pending:
             by_module.setdefault(module, []).append(call)
@@ -331,6 +332,8 @@ class GradSampleModule(nn.Module):
         for e in chunk.entries:
             if not bool(torch.isfinite(e.norms_sq).all()):
                 errors.append(e.name)
+        for _, call in pending:  # a retained graph must not keep activations alive, nor be replayed
+            call.ctx, call.grad, call.versions, call.done = None, None, None, True
         return chunk
 
     def _mode_for_rule(self, rule: Rule) -> str:

@@ -29,7 +29,7 @@ class Call:
 
     ctx: Any
     grad: Any = None  # Tensor (or tuple of tensors) with the batch in dim 0
-    forward_id: int = 0
+    done: bool = False  # consumed by a backward pass
 
 
 class LayerGrads:
