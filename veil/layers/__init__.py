@@ -1,0 +1,24 @@
+"""Drop-in DP versions of torch layers whose weights per-sample clipping cannot otherwise see.
+
+``DPMultiheadAttention``, ``DPLSTM``, ``DPGRU`` and ``DPRNN`` take the same arguments, inputs and
+outputs as their ``torch.nn`` twins and load/save the same ``state_dict``. Importing this package
+also teaches ``ModuleValidator.fix`` to swap the torch layers for these, keeping their weights.
+"""
+from .dp_rnn import DPGRU, DPLSTM, DPRNN, DPRNNBase
+from .leaves import BatchFirstLinear, KVBias
+
+__all__ = ["DPRNNBase", "DPRNN", "DPGRU", "DPLSTM", "BatchFirstLinear", "KVBias"]
+
+
+def _register_converters() -> None:
+    from torch import nn
+
+    from ..validators.module_validator import register_converter
+    from . import dp_rnn
+
+    register_converter(nn.LSTM, dp_rnn.from_lstm)
+    register_converter(nn.GRU, dp_rnn.from_gru)
+    register_converter(nn.RNN, dp_rnn.from_rnn)
+
+
+_register_converters()

@@ -1,0 +1,118 @@
+"""Small parameter-owning leaf modules used inside Veil's DP layers, and their per-sample rules.
+
+The DP layers keep every parameter inside one of these leaves so the engine sees exactly how each
+parameter is used. The leaves always take the batch in dimension 0, whatever the layout of the
+layer that owns them and whatever ``batch_first`` the :class:`~veil.GradSampleModule` was given, so
+their rules never move dimensions (``sequence_input = False``).
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..grad_sample import state
+from ..grad_sample.rules.base import Call, Rule, register_rule
+from ..grad_sample.rules.linear import LinearRule
+
+Tensor = torch.Tensor
+
+__all__ = ["BatchFirstLinear", "KVBias"]
+
+
+class BatchFirstLinear(nn.Linear):
+    """An ``nn.Linear`` whose input always has the batch in dimension 0: ``[B, d]`` or ``[B, T, d]``.
+
+    Numerically identical to ``nn.Linear``. Its rule is the Linear rule (ghost norms over the
+    time axis and over repeated calls, one-matmul clipped sums) without the ``batch_first``
+    reinterpretation that the engine applies to user-facing sequence layers.
+
+    ``forward(input, values)``: when the caller has already computed ``input @ W.T + b`` (a
+    recurrent layer computes it step by step inside its scan), it passes those ``values`` and gets
+    them back without a second matmul; autograd and the engine still see ``F.linear(input, W, b)``
+    (its backward is the Linear backward). Under a torch.func replay the values are recomputed.
+    """
+
+    def forward(self, input: Tensor, values: Optional[Tensor] = None) -> Tensor:
+        if values is None or state.is_replaying():
+            return F.linear(input, self.weight, self.bias)
+        return _KnownLinear.apply(values, input, self.weight, self.bias)
+
+
+class _KnownLinear(torch.autograd.Function):
+    """``F.linear(input, weight, bias)`` whose forward value is already known."""
+
+    @staticmethod
+    def forward(ctx, values, input, weight, bias):
+        ctx.save_for_backward(input, weight)
+        ctx.has_bias = bias is not None
+        return values.detach()
+
+    @staticmethod
+    def backward(ctx, g):
+        input, weight = ctx.saved_tensors
+        _, need_in, need_w, need_b = ctx.needs_input_grad
+        d_in = g @ weight if need_in else None
+        d_w = g.reshape(-1, g.shape[-1]).t() @ input.reshape(-1, input.shape[-1]) if need_w else None
+        d_b = g.reshape(-1, g.shape[-1]).sum(0) if (need_b and ctx.has_bias) else None
+        return None, d_in, d_w, d_b
+
+
+@register_rule(BatchFirstLinear)
+class BatchFirstLinearRule(LinearRule):
+    """The Linear rule for inputs whose batch is always dimension 0."""
+
+    sequence_input = False
+
+
+class KVBias(nn.Module):
+    """Holds ``bias_k`` and ``bias_v`` of an attention layer (``add_bias_kv=True``).
+
+    ``forward(k, v)`` appends them as one extra key/value position: ``[B, S, E] -> [B, S + 1, E]``.
+    The parameters have nn.MultiheadAttention's shape ``[1, 1, E]``.
+    """
+
+    def __init__(self, embed_dim: int, device=None, dtype=None):
+        super().__init__()
+        kw = {"device": device, "dtype": dtype}
+        self.bias_k = nn.Parameter(torch.empty(1, 1, embed_dim, **kw))
+        self.bias_v = nn.Parameter(torch.empty(1, 1, embed_dim, **kw))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.xavier_normal_(self.bias_k)
+        nn.init.xavier_normal_(self.bias_v)
+
+    def forward(self, k: Tensor, v: Tensor) -> Tuple[Tensor, Tensor]:
+        B = k.shape[0]
+        k = torch.cat([k, self.bias_k.expand(B, 1, -1)], 1)
+        v = torch.cat([v, self.bias_v.expand(B, 1, -1)], 1)
+        return k, v
+
+
+@register_rule(KVBias)
+class KVBiasRule(Rule):
+    """Sample i's gradient of ``bias_k`` is the output gradient at its appended key position."""
+
+    sequence_input = False
+
+    def capture(self, module: nn.Module, args: tuple, kwargs: dict, batch_first: bool) -> None:
+        return None
+
+    def per_sample(self, module: nn.Module, calls: List[Call], names: List[str]) -> Dict[str, Tensor]:
+        out: Dict[str, Tensor] = {}
+        for call in calls:
+            gk, gv = call.grad
+            for name, g in (("bias_k", gk), ("bias_v", gv)):
+                if name in names:
+                    gs = g[:, -1:, :].unsqueeze(1)  # [B, 1, 1, E]
+                    out[name] = gs if name not in out else out[name] + gs
+        return out
+
+
+def skip_init_linear(in_features: int, out_features: int, bias: bool, device=None, dtype=None) -> BatchFirstLinear:
+    """A BatchFirstLinear with uninitialised weights that draws nothing from the global RNG."""
+    m = BatchFirstLinear(in_features, out_features, bias=bias, device="meta", dtype=dtype)
+    return m.to_empty(device=device if device is not None else torch.get_default_device())
