@@ -140,3 +140,26 @@ def test_optimizer_consumes_opacus_style_grad_sample():
     c = torch.clamp(1.0 / norms, max=1)
     for n, p in lin.named_parameters():
         assert torch.allclose(before[n] - p.detach(), torch.tensordot(c, gs[n], dims=1), rtol=1e-12)
+
+
+def test_multithreaded_noise_is_standard_normal_and_seeded():
+    from scipy import stats
+
+    from veil.optimizers.noise import add_gaussian_
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        draws = []
+        for _ in range(2):
+            buf = torch.zeros(300_000, dtype=torch.float32)
+            add_gaussian_(buf, 2.0, torch.Generator().manual_seed(11), block=100_000)
+            draws.append(buf)
+    finally:
+        torch.set_num_threads(old)
+    assert torch.equal(draws[0], draws[1]), "a seeded generator reproduces the noise"
+    z = draws[0].double() / 2.0
+    assert stats.kstest(z.numpy(), "norm").pvalue > 1e-4
+    halves = z.tensor_split(6)  # blocks and thread slices are independent streams
+    corr = torch.corrcoef(torch.stack([h[:50_000] for h in halves]))
+    assert (corr - torch.eye(6)).abs().max() < 0.03
