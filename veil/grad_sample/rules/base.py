@@ -50,6 +50,13 @@ class LayerGrads:
         out.add_(self.clipped_sum({name: factors})[name])
 
 
+def sq_norms(t: Tensor) -> Tensor:
+    """Squared L2 norm of each sample (dim 0) of ``t``, in one pass."""
+    if t.dim() == 1:
+        return t * t
+    return torch.linalg.vector_norm(t.reshape(t.shape[0], -1) if t.numel() else t.new_zeros(t.shape[0], 1), dim=1).square()
+
+
 def norm_dtype(dtype: torch.dtype) -> torch.dtype:
     """Norms and clip factors are never computed in less than fp32."""
     return torch.promote_types(dtype, torch.float32)
@@ -61,7 +68,7 @@ class InstantiatedGrads(LayerGrads):
     def __init__(self, grads: Dict[str, Tensor]):
         self.grads = grads
         self.norms_sq = {
-            n: g.to(norm_dtype(g.dtype)).square().sum(tuple(range(1, g.dim()))) for n, g in grads.items()
+            n: sq_norms(g.to(norm_dtype(g.dtype))) for n, g in grads.items()
         }
 
     def clipped_sum(self, factors: Dict[str, Tensor]) -> Dict[str, Tensor]:

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import Call, InstantiatedGrads, LayerGrads, Rule, norm_dtype, register_rule
+from .base import Call, InstantiatedGrads, LayerGrads, Rule, norm_dtype, register_rule, sq_norms
 
 Tensor = torch.Tensor
 Conv = nn.modules.conv._ConvNd
@@ -111,7 +111,7 @@ class ConvGhostGrads(LayerGrads):
             self.norms_sq["weight"] = (uu * gg).sum((1, 2, 3))
         if "bias" in names:
             self.gsum = bias_per_sample(gs)
-            self.norms_sq["bias"] = self.gsum.square().sum(1)
+            self.norms_sq["bias"] = sq_norms(self.gsum)
 
     def clipped_sum(self, factors: Dict[str, Tensor]) -> Dict[str, Tensor]:
         out = {}

@@ -8,7 +8,7 @@ from typing import Dict, List
 import torch
 from torch import nn
 
-from .base import Call, InstantiatedGrads, LayerGrads, Rule, norm_dtype, register_rule
+from .base import Call, InstantiatedGrads, LayerGrads, Rule, norm_dtype, register_rule, sq_norms
 
 Tensor = torch.Tensor
 
@@ -37,7 +37,7 @@ def ghost_is_cheaper(T: int, d: int, p: int) -> bool:
 def linear_ghost_norm_sq(a: Tensor, g: Tensor) -> Tensor:
     """‖g_iᵀ a_i‖_F² for every sample, without forming g_iᵀ a_i."""
     if a.shape[1] == 1:
-        return a[:, 0].square().sum(1) * g[:, 0].square().sum(1)
+        return sq_norms(a[:, 0]) * sq_norms(g[:, 0])
     aa = torch.bmm(a, a.transpose(1, 2))
     gg = torch.bmm(g, g.transpose(1, 2))
     return (aa * gg).sum((1, 2))
@@ -53,7 +53,7 @@ class LinearGhostGrads(LayerGrads):
             self.norms_sq["weight"] = linear_ghost_norm_sq(a, g)
         if "bias" in names:
             self.gsum = g.sum(1)
-            self.norms_sq["bias"] = self.gsum.square().sum(1)
+            self.norms_sq["bias"] = sq_norms(self.gsum)
 
     def clipped_sum(self, factors: Dict[str, Tensor]) -> Dict[str, Tensor]:
         out = {}
