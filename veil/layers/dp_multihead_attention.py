@@ -130,6 +130,23 @@ class DPMultiheadAttention(nn.Module):
     def bias_v(self) -> Optional[Tensor]:
         return None if self.kv_bias is None else self.kv_bias.bias_v
 
+    def merge_masks(self, attn_mask: Optional[Tensor], key_padding_mask: Optional[Tensor],
+                    query: Tensor) -> Tuple[Optional[Tensor], Optional[int]]:
+        """As ``nn.MultiheadAttention.merge_masks`` (used by torch's transformer fast path in eval)."""
+        merged, mask_type = None, None
+        if key_padding_mask is not None:
+            merged, mask_type = key_padding_mask, 1
+        if attn_mask is not None:
+            B, L, _ = query.shape
+            mask_type = 2
+            if attn_mask.dim() == 3:
+                merged = attn_mask.view(B, -1, L, L)
+            else:
+                merged = attn_mask.view(1, 1, L, L).expand(B, self.num_heads, -1, -1)
+            if key_padding_mask is not None:
+                merged = merged + key_padding_mask.view(B, 1, 1, L).expand(-1, self.num_heads, -1, -1)
+        return merged, mask_type
+
     def to_nn_state_dict(self) -> dict:
         """The state_dict in nn.MultiheadAttention's layout (the same as ``state_dict()``)."""
         return self.state_dict()
