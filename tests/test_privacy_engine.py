@@ -121,3 +121,16 @@ def test_make_private_refuses_negative_noise():
         PrivacyEngine().make_private(module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
                                      data_loader=DataLoader(data(), batch_size=20), noise_multiplier=-1,
                                      max_grad_norm=1.0)
+
+
+def test_training_without_noise_reports_infinite_epsilon():
+    import math
+
+    engine = PrivacyEngine()
+    model = MLP()
+    with pytest.warns(UserWarning, match="not private"):
+        m, opt, dl = engine.make_private(module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+                                         data_loader=DataLoader(data(), batch_size=20), noise_multiplier=0.0,
+                                         max_grad_norm=1.0)
+    epoch(m, opt, dl)
+    assert engine.get_epsilon(1e-5) == math.inf

@@ -1,6 +1,7 @@
 """PrivacyEngine: turns a model, an optimizer and a data loader into their private versions."""
 from __future__ import annotations
 
+import math
 import os
 import warnings
 from typing import Any, Dict, List, Optional, Tuple, Union
@@ -42,6 +43,7 @@ class PrivacyEngine:
         self.secure_rng = None
         self.dataset = None
         self._data_loader: Optional[DataLoader] = None
+        self.steps_without_noise = 0
         if secure_mode:
             warnings.warn("secure_mode=True: noise and sampling use the OS's cryptographic generator; "
                           "runs cannot be reproduced from a seed.")
@@ -99,6 +101,8 @@ class PrivacyEngine:
         """
         if noise_multiplier < 0:
             raise ValueError(f"noise_multiplier must be >= 0, got {noise_multiplier}")
+        if noise_multiplier == 0:
+            warnings.warn("noise_multiplier=0: training is not private and get_epsilon() will return inf.")
         if criterion is not None:
             reduction = getattr(criterion, "reduction", loss_reduction)
             if reduction != loss_reduction:
@@ -129,10 +133,22 @@ class PrivacyEngine:
             clipping=clipping,
         )
         dp_optimizer.attach(gsm)
-        dp_optimizer.attach_step_hook(self.accountant.get_optimizer_hook_fn(sample_rate=sample_rate))
+        dp_optimizer.attach_step_hook(self._accounting_hook(sample_rate))
         if criterion is not None:
             return gsm, dp_optimizer, criterion, data_loader
         return gsm, dp_optimizer, data_loader
+
+    def _accounting_hook(self, sample_rate: float):
+        """Records each step; a step taken without noise makes ε infinite from then on."""
+        record = self.accountant.get_optimizer_hook_fn(sample_rate=sample_rate)
+
+        def hook(optimizer: DPOptimizer) -> None:
+            if optimizer.noise_multiplier > 0:
+                record(optimizer)
+            else:
+                self.steps_without_noise += 1
+
+        return hook
 
     def make_private_with_epsilon(
         self,
@@ -162,7 +178,9 @@ class PrivacyEngine:
 
     # ------------------------------------------------------------- privacy
     def get_epsilon(self, delta: float) -> float:
-        """ε spent so far at this δ."""
+        """ε spent so far at this δ (infinite once a step was taken with noise_multiplier=0)."""
+        if self.steps_without_noise:
+            return math.inf
         return self.accountant.get_epsilon(delta=delta)
 
     # ---------------------------------------------------------- checkpoints
@@ -183,6 +201,7 @@ class PrivacyEngine:
         ckpt = dict(checkpoint_dict or {})
         ckpt[module_name] = module.state_dict()
         ckpt["privacy_accountant_state_dict"] = self.accountant.state_dict()
+        ckpt["steps_without_noise"] = self.steps_without_noise
         if optimizer is not None:
             ckpt[optimizer_name] = optimizer.state_dict()
             if isinstance(optimizer, DPOptimizer):
@@ -237,6 +256,7 @@ class PrivacyEngine:
         ckpt = torch.load(path, **torch_load_kwargs)
         module.load_state_dict(ckpt.pop(module_name))
         self.accountant.load_state_dict(ckpt.pop("privacy_accountant_state_dict"))
+        self.steps_without_noise = ckpt.pop("steps_without_noise", 0)
         opt_state = ckpt.pop(optimizer_name, None)
         dp_state = ckpt.pop("dp_optimizer_state", None)
         if optimizer is not None and opt_state is not None:
