@@ -23,13 +23,10 @@ def _check(name: str, m: nn.Module) -> Optional[str]:
     if isinstance(m, nn.modules.instancenorm._InstanceNorm) and m.track_running_stats:
         return (f"'{name}' ({type(m).__name__}) tracks running statistics across batches, which leak "
                 "information outside the clipped gradient. Turn them off: ModuleValidator.fix(model)")
-    if isinstance(m, (nn.RNNBase, nn.MultiheadAttention)) and type(m) in _CONVERTERS:
-        conv = _CONVERTERS[type(m)]
-        if conv is None:
-            return (f"'{name}' ({type(m).__name__}) has no exact per-sample rule yet. Use the DP version "
-                    "from veil.layers once available.")
+    if type(m) in _CONVERTERS:
         return (f"'{name}' ({type(m).__name__}) keeps its weights inside a fused kernel that per-sample "
-                "clipping cannot see into. Replace it with its drop-in DP twin: ModuleValidator.fix(model)")
+                "clipping cannot see into. Replace it with its drop-in DP twin (veil.layers): "
+                "ModuleValidator.fix(model)")
     if isinstance(m, nn.Embedding) and m.max_norm is not None and any(p.requires_grad for p in m.parameters()):
         return (f"'{name}' (Embedding with max_norm) renormalises its weights in place during forward, which "
                 "DP training cannot account for. Set max_norm=None.")
@@ -57,13 +54,8 @@ def _instancenorm_without_stats(m: nn.Module) -> nn.Module:
     return new
 
 
-# type -> converter(module) or None when no DP twin exists yet; filled in by veil.layers.
-_CONVERTERS: Dict[Type[nn.Module], Optional[Callable[[nn.Module], nn.Module]]] = {
-    nn.LSTM: None,
-    nn.GRU: None,
-    nn.RNN: None,
-    nn.MultiheadAttention: None,
-}
+# torch layer type -> converter(module) to its DP twin; filled in by veil.layers.
+_CONVERTERS: Dict[Type[nn.Module], Callable[[nn.Module], nn.Module]] = {}
 
 
 def register_converter(module_type: Type[nn.Module], fn: Callable[[nn.Module], nn.Module]) -> None:
@@ -71,12 +63,17 @@ def register_converter(module_type: Type[nn.Module], fn: Callable[[nn.Module], n
     _CONVERTERS[module_type] = fn
 
 
+def _load_dp_layers() -> None:
+    from .. import layers  # noqa: F401  (importing it registers the converters)
+
+
 class ModuleValidator:
     """Checks a model for layers that DP-SGD cannot train exactly, and fixes them."""
 
     @classmethod
     def validate(cls, module: nn.Module, *, strict: bool = False) -> List[UnsupportedModuleError]:
-        """All problems found; with ``strict=True`` raise the first batch of them instead."""
+        """All problems found; with ``strict=True`` raise them instead."""
+        _load_dp_layers()
         errors = []
         for name, m in module.named_modules():
             msg = _check(name or "<root>", m)
@@ -94,6 +91,7 @@ class ModuleValidator:
     def fix(cls, module: nn.Module, *, num_groups: Optional[int] = None, **kwargs) -> nn.Module:
         """A copy of ``module`` with BatchNorm -> GroupNorm (``num_groups``, default gcd(32, C)),
         InstanceNorm without running stats, and RNN/attention layers replaced by their DP twins."""
+        _load_dp_layers()
         module = copy.deepcopy(module)
         return cls._fix(module, num_groups)
 
@@ -115,9 +113,7 @@ class ModuleValidator:
         if isinstance(m, nn.modules.instancenorm._InstanceNorm) and m.track_running_stats:
             return _instancenorm_without_stats(m)
         conv = _CONVERTERS.get(type(m))
-        if conv is not None:
-            return conv(m)
-        return None
+        return conv(m) if conv is not None else None
 
     @classmethod
     def fix_and_validate(cls, module: nn.Module, **kwargs) -> nn.Module:
