@@ -87,6 +87,26 @@ def test_matches_torch(kind, B, T, d, h, layers, bidirectional, batch_first, bia
             assert torch.allclose(u, v, rtol=1e-10, atol=1e-12), (u - v).abs().max()
 
 
+@pytest.mark.parametrize("onednn", [True, False])
+@pytest.mark.parametrize("kind,kw", [("lstm", dict(bidirectional=True, num_layers=2)), ("lstm", dict(proj_size=3)),
+                                     ("gru", dict(bidirectional=True)), ("rnn_tanh", dict()), ("rnn_relu", dict())])
+def test_float32_kernels_match_torch(kind, kw, onednn, monkeypatch):
+    """In float32 the per-step products may run on oneDNN (veil/layers/_gemm.py); both paths match torch."""
+    from veil.layers import _gemm
+
+    monkeypatch.setattr(_gemm, "USE_ONEDNN", onednn)
+    torch.set_default_dtype(torch.float32)
+    dp, ref = make_pair(kind, input_size=5, hidden_size=6, batch_first=True, **kw)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 7, 5, generator=g)
+    for lengths in (None, torch.tensor([7, 3, 5, 1])):
+        a = _grads(ref, x, None, lengths, True)
+        b = _grads(dp, x, None, lengths, True)
+        for xs, ys in zip(a, b):
+            for u, v in zip(xs, ys):
+                assert torch.allclose(u, v, rtol=1e-4, atol=1e-5), (u - v).abs().max()
+
+
 @pytest.mark.parametrize("kind", sorted(PAIRS))
 def test_unbatched_and_no_grad(kind):
     dp, ref = make_pair(kind, input_size=3, hidden_size=4, num_layers=2, bidirectional=True)

@@ -23,6 +23,8 @@ from typing import Optional, Sequence
 
 import torch
 
+from ._gemm import linear, onednn_applies
+
 Tensor = torch.Tensor
 
 
@@ -63,6 +65,7 @@ def scan(mode: str, xg: Tensor, b_hh: Optional[Tensor], W_hh: Tensor, W_hr: Opti
     order = range(T - 1, -1, -1) if reverse else range(T)
     s = Scan(mode, order, masks, W_hh, W_hr, h0, c0)
     WT = W_hh.t()
+    fast = onednn_applies(xg)  # per-step products on oneDNN (see _gemm.py); else in-place addmm
     kw = {"dtype": xg.dtype, "device": xg.device}
     if mode == "LSTM":
         H = G // 4
@@ -77,7 +80,10 @@ def scan(mode: str, xg: Tensor, b_hh: Optional[Tensor], W_hh: Tensor, W_hr: Opti
         h, c = h0, c0
         for t in order:
             g = gates[t]
-            g.addmm_(h, WT)
+            if fast:
+                g.add_(linear(h, W_hh))
+            else:
+                g.addmm_(h, WT)
             a = acts[t]
             torch.sigmoid(g, out=a)
             torch.tanh(g[:, 2 * H:3 * H], out=a[:, 2 * H:3 * H])
@@ -90,7 +96,10 @@ def scan(mode: str, xg: Tensor, b_hh: Optional[Tensor], W_hh: Tensor, W_hr: Opti
             if proj:
                 mt = M[t]
                 torch.mul(a[:, 3 * H:], tc, out=mt)
-                torch.mm(mt, WrT, out=hn)
+                if fast:
+                    hn.copy_(linear(mt, W_hr))
+                else:
+                    torch.mm(mt, WrT, out=hn)
             else:
                 torch.mul(a[:, 3 * H:], tc, out=hn)
             if masks is not None:
@@ -110,7 +119,9 @@ def scan(mode: str, xg: Tensor, b_hh: Optional[Tensor], W_hh: Tensor, W_hr: Opti
         h = h0
         for t in order:
             hg = Z[t]
-            if b_hh is not None:
+            if fast:
+                hg.copy_(linear(h, W_hh, b_hh))
+            elif b_hh is not None:
                 torch.addmm(b_hh, h, WT, out=hg)
             else:
                 torch.mm(h, WT, out=hg)
@@ -135,7 +146,10 @@ def scan(mode: str, xg: Tensor, b_hh: Optional[Tensor], W_hh: Tensor, W_hr: Opti
         h = h0
         for t in order:
             p = pre[t]
-            p.addmm_(h, WT)
+            if fast:
+                p.add_(linear(h, W_hh))
+            else:
+                p.addmm_(h, WT)
             hn = out[t]
             if relu:
                 torch.clamp_min(p, 0, out=hn)
@@ -180,6 +194,22 @@ class Recurrence(torch.autograd.Function):
         return None, dZ, dZ, None, dh0, None
 
 
+def _times(W: Tensor, like: Tensor):
+    """A function x -> x @ W for the backward's per-step products (oneDNN when it applies)."""
+    if onednn_applies(like):
+        WT = W.t().contiguous()
+        return lambda x: linear(x, WT)
+    return lambda x: x @ W
+
+
+def _times_add(W: Tensor, like: Tensor):
+    """A function (base, x) -> base + x @ W."""
+    if onednn_applies(like):
+        WT = W.t().contiguous()
+        return lambda base, x: linear(x, WT).add_(base)
+    return lambda base, x: torch.addmm(base, x, W)
+
+
 def _mask_factors(s: Scan):
     """Float masks m [T, B, 1] and 1 - m, or (None, None) without masks."""
     if s.masks is None:
@@ -208,6 +238,8 @@ def _lstm_bptt(s: Scan, d_out: Tensor, d_hT: Tensor, d_cT: Tensor, need_h0: bool
         Fg = f * m + nm
     W, Wr = s.W_hh, s.W_hr
     proj = Wr is not None
+    times_W, times_W_add = _times(W, acts), _times_add(W, acts)
+    times_Wr = _times(Wr, acts) if proj else None
     dG = torch.empty_like(acts)
     dP = torch.empty_like(s.out) if proj else None
     dc = d_cT.clone()
@@ -223,7 +255,7 @@ def _lstm_bptt(s: Scan, d_out: Tensor, d_hT: Tensor, d_cT: Tensor, need_h0: bool
                 x.copy_(dh)
             else:
                 torch.mul(dh, m[t], out=x)
-            x = x @ Wr
+            x = times_Wr(x)
         else:
             x = dh
         dc.addcmul_(x, OT[t])
@@ -235,9 +267,9 @@ def _lstm_bptt(s: Scan, d_out: Tensor, d_hT: Tensor, d_cT: Tensor, need_h0: bool
             base = d_out[rev[k + 1]]
             if nm is not None:
                 base = torch.addcmul(base, dh, nm[t])
-            dh = torch.addmm(base, dg, W)
+            dh = times_W_add(base, dg)
         elif need_h0:
-            dh0 = dg @ W
+            dh0 = times_W(dg)
             if nm is not None:
                 dh0.addcmul_(dh, nm[t])
     return dG, dP, dh0, (dc if need_c0 else None)
@@ -258,7 +290,7 @@ def _gru_bptt(s: Scan, d_out: Tensor, d_hT: Tensor, need_h0: bool):
     if m is not None:
         A.mul_(m.unsqueeze(-1))
         Zd = z * m + nm
-    W = s.W_hh
+    times_W_add = _times_add(s.W_hh, Z)
     dX = torch.empty_like(Z)
     dZ = torch.empty_like(Z)
     rev = s.order[::-1]
@@ -274,9 +306,9 @@ def _gru_bptt(s: Scan, d_out: Tensor, d_hT: Tensor, need_h0: bool):
         dz[:, :2 * H].copy_(dx[:, :2 * H])
         torch.mul(dn, r[t], out=dz[:, 2 * H:])
         if k + 1 < len(rev):
-            dh = torch.addmm(torch.addcmul(d_out[rev[k + 1]], dh, Zd[t]), dz, W)
+            dh = times_W_add(torch.addcmul(d_out[rev[k + 1]], dh, Zd[t]), dz)
         elif need_h0:
-            dh0 = torch.addmm(dh * Zd[t], dz, W)
+            dh0 = times_W_add(dh * Zd[t], dz)
     return dX, dZ, dh0
 
 
@@ -288,7 +320,7 @@ def _rnn_bptt(s: Scan, d_out: Tensor, d_hT: Tensor, need_h0: bool):
     m, nm = _mask_factors(s)
     if m is not None:
         D = D * m
-    W = s.W_hh
+    times_W, times_W_add = _times(s.W_hh, D), _times_add(s.W_hh, D)
     dZ = torch.empty_like(D)
     rev = s.order[::-1]
     dh0 = None
@@ -301,9 +333,9 @@ def _rnn_bptt(s: Scan, d_out: Tensor, d_hT: Tensor, need_h0: bool):
             base = d_out[rev[k + 1]]
             if nm is not None:
                 base = torch.addcmul(base, dh, nm[t])
-            dh = torch.addmm(base, dz, W)
+            dh = times_W_add(base, dz)
         elif need_h0:
-            dh0 = dz @ W
+            dh0 = times_W(dz)
             if nm is not None:
                 dh0.addcmul_(dh, nm[t])
     return dZ, dh0

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.rnn import PackedSequence
 
+from ._gemm import linear
 from ._recurrence import Recurrence, scan
 from .leaves import skip_init_linear
 
@@ -270,7 +271,9 @@ class DPRNNBase(nn.Module):
     # One direction of one layer. x: [B, T, d] -> out [B, T, h_out], final h (and c).
     def _run(self, cell: _Direction, x: Tensor, h0: Tensor, c0: Optional[Tensor], reverse: bool,
              masks: Optional[Tensor]):
-        xg = cell.ih(x)  # [B, T, G*h]: the input projection of every step, one matmul
+        with torch.no_grad():  # the input projection of every step, one matmul (on oneDNN where it applies)
+            xg_values = linear(x, cell.ih.weight, cell.ih.bias)
+        xg = cell.ih(x, xg_values)  # [B, T, G*h], engine-visible as one Linear call
         proj = self.proj_size > 0
         with torch.no_grad():
             s = scan(self.mode, xg.detach().transpose(0, 1), cell.hh.bias, cell.hh.weight,

@@ -55,9 +55,21 @@ class _KnownLinear(torch.autograd.Function):
         input, weight = ctx.saved_tensors
         _, need_in, need_w, need_b = ctx.needs_input_grad
         d_in = g @ weight if need_in else None
-        d_w = g.reshape(-1, g.shape[-1]).t() @ input.reshape(-1, input.shape[-1]) if need_w else None
-        d_b = g.reshape(-1, g.shape[-1]).sum(0) if (need_b and ctx.has_bias) else None
+        d_w = d_b = None
+        if need_w or (need_b and ctx.has_bias):
+            g2, a2 = _rows(g, input)
+            d_w = g2.t() @ a2 if need_w else None
+            d_b = g2.sum(0) if (need_b and ctx.has_bias) else None
         return None, d_in, d_w, d_b
+
+
+def _rows(g: Tensor, a: Tensor) -> Tuple[Tensor, Tensor]:
+    """``g`` [B, T, p] and ``a`` [B, T, d] as matrices of rows in the same order, without copying
+    when both are time-major buffers seen batch-first (as the recurrent layers pass them)."""
+    if g.dim() == 3 and not g.is_contiguous() and g.transpose(0, 1).is_contiguous() \
+            and a.transpose(0, 1).is_contiguous():
+        g, a = g.transpose(0, 1), a.transpose(0, 1)
+    return g.reshape(-1, g.shape[-1]), a.reshape(-1, a.shape[-1])
 
 
 @register_rule(BatchFirstLinear)
