@@ -303,9 +303,12 @@ def main(argv: Optional[Sequence[str]] = None) -> float:
         bar.close()
         if args.physical_batch:
             manager.__exit__(None, None, None)
-        acc = accuracy(ema.module if ema is not None else model, x_eval, y_eval)
-        tqdm.write(f"epoch {epoch:3d}  {split} accuracy {acc:.4f}  epsilon {epsilon():.2f}  "
-                   f"{time.time() - start:.0f} s")
+        acc = accuracy(model, x_eval, y_eval)
+        line = f"epoch {epoch:3d}  {split} accuracy {acc:.4f}"
+        if ema is not None:
+            acc = accuracy(ema.module, x_eval, y_eval)
+            line += f"  (EMA {acc:.4f})"
+        tqdm.write(f"{line}  epsilon {epsilon():.2f}  {time.time() - start:.0f} s")
     print(f"{split} accuracy {acc:.4f} at epsilon {epsilon():.2f} (delta {args.delta:g}) "
           f"in {time.time() - start:.0f} s", flush=True)
     return acc
