@@ -46,6 +46,8 @@ from scipy.fft import irfft, next_fast_len, rfft
 from scipy.signal import lfilter
 from scipy.special import ndtr, ndtri
 
+from .gdp import eps_from_mu as gaussian_epsilon
+
 _U = float(np.finfo(np.float64).eps)
 MAX_FFT_SIZE = 1 << 21
 MAX_SINGLE_GRID = 4_000_000
@@ -186,6 +188,14 @@ class _Uncertified(Exception):
     pass
 
 
+class _RoundOff(_Uncertified):
+    """Round-off bound too large; ``eps`` is the (uncertified) answer found."""
+
+    def __init__(self, msg: str, eps: float) -> None:
+        super().__init__(msg)
+        self.eps = eps
+
+
 @dataclass
 class PLDResult:
     epsilon: float | None  # None: could not certify (reason says why)
@@ -200,143 +210,216 @@ def _log_hockey_const(lam: np.ndarray) -> np.ndarray:
     return lam * np.log(lam / (1.0 + lam)) - np.log1p(lam)
 
 
-def _epsilon_one_direction(
-    plds: list[DiscretePLD],
-    counts: list[int],
-    delta: float,
-    delta_error: float,
-    lam_hint: float,
-    eps_floor: float = -math.inf,
-) -> tuple[float, int, float]:
-    """Epsilon of one direction, or ``eps_floor`` if delta(eps_floor) <= delta is
-    already certified by the Chernoff bound.  Returns (eps, fft size, tilt)."""
-    h = plds[0].h
-    t_total = float(sum(counts))
-    # Mass at +infinity of the composition (exact, pessimistic).
-    p_inf = -math.expm1(sum(c * math.log1p(-p.p_inf) for p, c in zip(plds, counts)))
-    target = delta - delta_error
-    if p_inf >= target:
-        raise _Uncertified("mass at infinity exceeds delta")
+@dataclass
+class _Solved:
+    eps: float
+    n_fft: int
+    lam: float
 
-    # Cumulant generating function of the finite part on a lambda grid.
-    lams = lam_hint * 2.0 ** (np.arange(-18, 19) / 3.0)
-    kgrid = np.zeros(len(lams))
-    for p, c in zip(plds, counts):
-        kgrid += c * p.log_mgf(lams)
-    budget = target - p_inf
-    # Chernoff-type upper bound on epsilon: delta <= p_inf + e^{K - lam eps} c(lam)
-    eps_ch = (kgrid + _log_hockey_const(lams) - math.log(budget)) / lams
-    i_t = int(np.argmin(eps_ch))
-    if eps_ch[i_t] <= eps_floor:
-        return eps_floor, 0, float(lams[i_t])
-    lam = float(lams[i_t])
-    eps_upper = float(eps_ch[i_t])
-    k_lam = float(kgrid[i_t])
 
-    # Tilted block distributions: mean and variance of the composition.
-    tilted = []
-    mean_t, var_t = 0.0, 0.0
-    for p, c in zip(plds, counts):
-        loss = p.losses()
-        with np.errstate(divide="ignore"):
-            lw = np.log(p.pmf) + lam * loss
-        m = float(np.max(lw))
-        w = np.exp(lw - m)
-        w /= w.sum()
-        mu = float(np.dot(w, loss))
-        var = float(np.dot(w, (loss - mu) ** 2))
-        tilted.append(w)
-        mean_t += c * mu
-        var_t += c * var
-    sd_t = math.sqrt(var_t)
+class _Composition:
+    """Composition of discrete PLDs ``plds[k]`` repeated ``counts[k]`` times."""
 
-    # Window [A, A + W) on the loss axis.
-    eta_hi = 0.25 * delta_error  # mass lost above the window (charged to delta)
-    eta_alias = 1e-3 * delta_error  # aliasing into the region used (only inflates delta)
-    top_min = float(np.min((kgrid - math.log(eta_hi)) / lams))
-    # Mass above the window re-enters at the bottom amplified by e^{lam*W}; its
-    # effect on losses >= e is at most
-    #   sum_m e^{lam m W} P(S >= e + m W) <= e^{K(l') - l' e - (l'-lam) W} / (1 - e^{-(l'-lam) W})
-    # for any l' > lam (Chernoff).  ``width_for(e)`` makes that <= eta_alias.
-    lam_up = lam * np.array([1.25, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0, 32.0])
-    k_up = np.zeros(len(lam_up))
-    for p, c in zip(plds, counts):
-        k_up += c * p.log_mgf(lam_up)
+    def __init__(self, plds: list[DiscretePLD], counts: list[int], delta: float, delta_error: float) -> None:
+        self.plds, self.counts = plds, counts
+        self.h = plds[0].h
+        self.t_total = float(sum(counts))
+        self.delta_error = delta_error
+        # mass at +infinity of the composition (exact, pessimistic)
+        self.p_inf = -math.expm1(sum(c * math.log1p(-p.p_inf) for p, c in zip(plds, counts)))
+        self.target = delta - delta_error
+        if self.p_inf >= self.target:
+            raise _Uncertified("mass at infinity exceeds delta")
+        self.log_budget = math.log(self.target - self.p_inf)
 
-    def log_alias_above(e: float, w: float) -> float:
-        gap = (lam_up - lam) * w
-        return float(np.min(k_up - lam_up * e - gap - np.log(-np.expm1(-gap))))
+    def cgf(self, lam_values: np.ndarray) -> np.ndarray:
+        """K(lam) = sum_k T_k log E[e^{lam L_k}] of the finite part."""
+        out = np.zeros(len(lam_values))
+        for p, c in zip(self.plds, self.counts):
+            out += c * p.log_mgf(lam_values)
+        return out
 
-    def width_for(e: float) -> float:
-        return float(np.min((k_up - lam_up * e - math.log(eta_alias)) / (lam_up - lam))) + 2.0 * h
+    def chernoff_eps(self, lams: np.ndarray, kvals: np.ndarray) -> np.ndarray:
+        """Upper bounds on epsilon: delta(eps) <= p_inf + c(lam) e^{K(lam) - lam eps}."""
+        return (kvals + _log_hockey_const(lams) - self.log_budget) / lams
 
-    span = 8.0 * sd_t + (math.log(max(lam * sd_t, 1.0) + 1.0) + 8.0) / lam
-    bottom = min(eps_upper, mean_t) - span
-    e_guess = max(bottom, min(eps_upper, mean_t) - 3.0 * sd_t)
-    # aliasing from below is damped by e^{-lam W}
-    width = max(top_min - bottom, math.log(1.0 / eta_alias) / lam, width_for(e_guess), 64 * h)
-    for _attempt in range(6):
-        n_fft = next_fast_len(int(math.ceil(width / h)) + 2, real=True)
-        if n_fft > MAX_FFT_SIZE:
-            raise _GridTooLarge(f"FFT size {n_fft}")
-        a_idx = int(math.floor(bottom / h))
-        spec = None
+    def tilt(self, lam_hint: float, eps_guess: float | None = None) -> tuple[float, float, float, np.ndarray, np.ndarray]:
+        """Choose the tilt lam: Chernoff-optimal for delta, or (``eps_guess``) for
+        bounding delta(eps_guess).  Returns (lam, K(lam), eps_upper, lams, K(lams)).
+
+        lam is capped at 50/h: for (nearly) bounded losses the Chernoff optimum
+        runs off to infinity, and a steeper tilt than e^50 per grid step buys nothing.
+        """
+        lam_max = 50.0 / self.h
+        lam_hint = min(lam_hint, lam_max / 64.0)
+
+        def objective(lams: np.ndarray, kvals: np.ndarray) -> np.ndarray:
+            if eps_guess is None:
+                return self.chernoff_eps(lams, kvals)
+            return kvals + _log_hockey_const(lams) - lams * eps_guess
+
+        lams = lam_hint * 2.0 ** np.arange(-6.0, 7.0)
+        kvals = self.cgf(lams)
+        for _ in range(3):  # extend the search if the optimum is at an end
+            i = int(np.argmin(objective(lams, kvals)))
+            if 0 < i < len(lams) - 1 or lams[i] >= lam_max:
+                break
+            ext = lams[i] * 2.0 ** (np.arange(1.0, 7.0) * (1 if i else -1))
+            ext = ext[ext <= lam_max]
+            lams, kvals = np.concatenate([lams, ext]), np.concatenate([kvals, self.cgf(ext)])
+            order = np.argsort(lams)
+            lams, kvals = lams[order], kvals[order]
+        best = float(lams[int(np.argmin(objective(lams, kvals)))])
+        fine = best * 2.0 ** np.array([-2 / 3, -1 / 3, 1 / 3, 2 / 3])
+        fine = fine[fine <= lam_max]
+        lams, kvals = np.concatenate([lams, fine]), np.concatenate([kvals, self.cgf(fine)])
+        i_t = int(np.argmin(objective(lams, kvals)))
+        eps_upper = float(np.min(self.chernoff_eps(lams, kvals)))
+        return float(lams[i_t]), float(kvals[i_t]), eps_upper, lams, kvals
+
+    def tilted_blocks(self, lam: float) -> tuple[list[np.ndarray], float, float]:
+        """Normalised tilted pmfs and the composition's tilted mean and s.d."""
+        tilted, mean_t, var_t = [], 0.0, 0.0
+        for p, c in zip(self.plds, self.counts):
+            loss = p.losses()
+            with np.errstate(divide="ignore"):
+                lw = np.log(p.pmf) + lam * loss
+            w = np.exp(lw - float(np.max(lw)))
+            w /= w.sum()
+            mu = float(np.dot(w, loss))
+            tilted.append(w)
+            mean_t += c * mu
+            var_t += c * float(np.dot(w, (loss - mu) ** 2))
+        return tilted, mean_t, math.sqrt(var_t)
+
+    def estimate(self, lam_hint: float) -> tuple[float, float]:
+        """Cheap (saddle point) estimates of epsilon and of the tilt, without FFT."""
+        lam, _, eps_upper, _, _ = self.tilt(lam_hint)
+        _, _, sd_t = self.tilted_blocks(lam)
+        return eps_upper - (math.log1p(2.5 * lam * sd_t) + 1.0) / lam, lam
+
+    def solve(
+        self, lam_hint: float, eps_floor: float = -math.inf, eps_guess: float | None = None, extended: bool = False
+    ) -> _Solved:
+        """Smallest eps with delta(eps) <= delta - delta_error (certified).
+
+        Returns ``eps_floor`` at once if the Chernoff bound already certifies
+        delta(eps_floor) <= delta.  ``extended``: FFT in extended precision.
+        """
+        h, delta_error, target = self.h, self.delta_error, self.target
+        lam, k_lam, eps_upper, lams, kvals = self.tilt(lam_hint, eps_guess)
+        if eps_upper <= eps_floor:
+            return _Solved(eps_floor, 0, lam)
+        tilted, mean_t, sd_t = self.tilted_blocks(lam)
+
+        # Window [A, A + W) on the loss axis.
+        eta_hi = 0.25 * delta_error  # mass lost above the window (charged to delta)
+        eta_alias = 0.05 * delta_error  # aliasing into the region used (only inflates delta)
+        lam_up = lam * (1.0 + np.geomspace(1e-3, 31.0, 24))
+        k_up = self.cgf(lam_up)
+        top_min = float(min(np.min((kvals - math.log(eta_hi)) / lams), np.min((k_up - math.log(eta_hi)) / lam_up)))
+
+        # Mass above the window re-enters at the bottom amplified by e^{lam*W}; its
+        # effect on losses >= e is at most
+        #   sum_m e^{lam m W} P(S >= e + m W) <= e^{K(l') - l' e - (l'-lam) W} / (1 - e^{-(l'-lam) W})
+        # for any l' > lam (Chernoff).  ``width_for(e)`` makes that <= eta_alias.
+        def log_alias_above(e: float, w: float) -> float:
+            gap = (lam_up - lam) * w
+            return float(np.min(k_up - lam_up * e - gap - np.log(-np.expm1(-gap))))
+
+        def width_for(e: float) -> float:
+            return float(np.min((k_up - lam_up * e - math.log(eta_alias)) / (lam_up - lam))) + 2.0 * h
+
+        if eps_guess is None:
+            # the answer lies somewhat below the Chernoff bound (saddle-point estimate)
+            e_guess = eps_upper - (math.log1p(2.5 * lam * sd_t) + 1.0) / lam
+        else:
+            e_guess = min(eps_guess, eps_upper)
+        bottom = min(e_guess, mean_t) - 2.0 * sd_t - 4.0 / lam - 2.0 * h
+        # aliasing from below is damped by e^{-lam W}
+        width = max(top_min - bottom, math.log(1.0 / eta_alias) / lam, width_for(e_guess), 64 * h)
+        dtype = np.longdouble if extended else np.float64
+        unit = float(np.finfo(dtype).eps)
+        for _attempt in range(6):
+            n_fft = next_fast_len(int(math.ceil(width / h)) + 2, real=True)
+            if n_fft > MAX_FFT_SIZE:
+                raise _GridTooLarge(f"FFT size {n_fft}")
+            a_idx = int(math.floor(bottom / h))
+            comp, shift, mean_abs = self._compose_fft(tilted, n_fft, dtype)
+            # conservative round-off bound per entry of the tilted composition
+            err_entry = 4.0 * unit * (math.log2(n_fft) + 2.0) * (1.0 + self.t_total * mean_abs + float(np.max(comp)))
+            idx = (a_idx - shift + np.arange(n_fft)) % n_fft
+            tilted_win = np.maximum(comp[idx], 0.0)
+            loss = (a_idx + np.arange(n_fft)) * h
+            # untilt: p_j = tilted_j * exp(K - lam*l_j), capped at 1 (a probability)
+            with np.errstate(divide="ignore", over="ignore"):
+                log_p = np.log(tilted_win) + (k_lam - lam * loss)
+            p = np.exp(np.minimum(log_p, 0.0))
+            # delta at grid points: delta_k = p_inf + (e^h - 1) * sum_{i>=k} D_i with
+            # D_k = e^{-h} (p_{k+1} + D_{k+1}); every term is non-negative.
+            decay = math.exp(-h)
+            d_rev = lfilter([0.0, decay], [1.0, -decay], p[::-1])
+            delta_grid = self.p_inf + math.expm1(h) * np.cumsum(d_rev)[::-1]
+            k = int(np.searchsorted(-delta_grid, -target, side="left"))
+            if k == 0:
+                # the answer lies below the window: extend it downwards
+                bottom -= width
+                width *= 2.0
+                continue
+            if k >= n_fft:
+                raise _Uncertified("window too low")
+            d0, d1 = float(delta_grid[k - 1]), float(delta_grid[k])
+            frac = (d0 - target) / (d0 - d1) if d0 > d1 else 1.0
+            eps = float(loss[k - 1]) + math.log1p(frac * math.expm1(h))
+            # round-off: delta_{k-1} and delta_k only use entries j >= k
+            roundoff = err_entry * math.exp(min(k_lam - lam * float(loss[k]), 700.0)) / (-math.expm1(-lam * h))
+            if eta_hi + roundoff > delta_error:
+                raise _RoundOff(f"round-off bound {roundoff:.3g} exceeds delta_error {delta_error:.3g}", eps)
+            if log_alias_above(float(loss[k - 1]), n_fft * h) > math.log(eta_alias):
+                width = max(width * 1.5, width_for(float(loss[k - 1])))
+                continue
+            return _Solved(eps, n_fft, lam)
+        raise _Uncertified("could not place the window")
+
+    def _compose_fft(self, tilted: list[np.ndarray], n_fft: int, dtype: type) -> tuple[np.ndarray, int, float]:
+        """Cyclic T-fold composition of the tilted blocks on ``n_fft`` points.
+
+        Frequencies where the modulus underflows are exactly 0 (most of them for
+        many steps), so the phase is only computed on the others.
+        """
+        log_mod = np.zeros(n_fft // 2 + 1, dtype=dtype)
+        ffts = []
         shift = 0
-        for p, c, w in zip(plds, counts, tilted):
+        for p, c, w in zip(self.plds, self.counts, tilted):
             center = int(round(float(np.dot(w, np.arange(len(w))))))
             pos = (np.arange(len(w)) - center) % n_fft
-            arr = np.bincount(pos, weights=w, minlength=n_fft)
-            f = rfft(arr)
-            with np.errstate(divide="ignore", invalid="ignore"):
-                fc = np.exp(c * np.log(f))
-            fc = np.nan_to_num(fc, nan=0.0)
-            spec = fc if spec is None else spec * fc
+            f = rfft(np.bincount(pos, weights=w, minlength=n_fft).astype(dtype))
+            with np.errstate(divide="ignore"):
+                log_mod += c * np.log(np.abs(f))
+            ffts.append(f)
             shift += c * (p.lo + center)
+        live = np.flatnonzero(log_mod > -745.0)
+        phase = np.zeros(len(live), dtype=dtype)
+        for f, c in zip(ffts, self.counts):
+            phase += c * np.angle(f[live])
+        spec = np.zeros(n_fft // 2 + 1, dtype=np.result_type(dtype, np.complex64))
+        spec[live] = np.exp(log_mod[live] + 1j * phase)
         comp = irfft(spec, n=n_fft)
-        # round-off per entry (conservative) and the tilted composition's scale
-        err_entry = 4.0 * _U * (math.log2(n_fft) + 2.0) * (1.0 + t_total * float(np.mean(np.abs(spec))) + float(np.max(comp)))
-        idx = (a_idx - shift + np.arange(n_fft)) % n_fft
-        tilted_win = np.maximum(comp[idx], 0.0)
-        loss = (a_idx + np.arange(n_fft)) * h
-        # untilt: p_j = tilted_j * exp(K - lam*l_j), capped at 1 (a probability)
-        with np.errstate(divide="ignore", over="ignore"):
-            log_p = np.log(tilted_win) + (k_lam - lam * loss)
-        p = np.exp(np.minimum(log_p, 0.0))
-        # delta at grid points: delta_k = p_inf + (e^h - 1) * sum_{i>=k} D_i with
-        # D_k = e^{-h} (p_{k+1} + D_{k+1}); every term is non-negative.
-        decay = math.exp(-h)
-        d_rev = lfilter([0.0, decay], [1.0, -decay], p[::-1])
-        g = math.expm1(h) * np.cumsum(d_rev)[::-1]
-        # charge the mass lost above the window and the round-off to delta
-        delta_grid = p_inf + g
-        k = int(np.searchsorted(-delta_grid, -target, side="left"))
-        if k == 0:
-            # the answer lies below the window: extend it downwards
-            bottom -= width
-            width *= 2.0
-            continue
-        if k >= n_fft:
-            raise _Uncertified("window too low")
-        eps_k = float(loss[k])
-        roundoff = err_entry * math.exp(min(k_lam - lam * (eps_k - h), 700.0)) / (-math.expm1(-lam * h))
-        slack = eta_hi + roundoff
-        if slack > delta_error:
-            raise _Uncertified(f"round-off bound {roundoff:.3g} exceeds delta_error {delta_error:.3g}")
-        if log_alias_above(float(loss[k - 1]), n_fft * h) > math.log(eta_alias):
-            width = max(width * 1.5, width_for(float(loss[k - 1])))
-            continue
-        d0, d1 = float(delta_grid[k - 1]), float(delta_grid[k])
-        frac = (d0 - target) / (d0 - d1) if d0 > d1 else 1.0
-        eps = float(loss[k - 1]) + math.log1p(frac * math.expm1(h))
-        return eps, n_fft, lam
-    raise _Uncertified("could not place the window")
+        if not np.all(np.isfinite(comp)):
+            raise _Uncertified("non-finite values in the FFT")
+        return np.asarray(comp, dtype=np.float64), shift, float(np.mean(np.abs(spec)))
 
 
 def choose_grid_step(t_total: float, eps_scale: float, lam: float, eps_error: float, rel_error: float) -> float:
-    """Grid step h whose second-order bias (1+lam)*T*h^2/8 stays within the error goal."""
-    goal = 0.5 * min(eps_error, rel_error * max(eps_scale, 1e-3))
+    """Grid step h whose second-order bias (1+lam)*T*h^2/8 stays within the error goal.
+
+    The goal is min(eps_error, rel_error*eps) but never below 1e-4*eps; also
+    h <= 0.2/lam (the expansion behind the bias estimate needs lam*h small).
+    """
+    eps_scale = max(eps_scale, 1e-4)
+    goal = 0.5 * max(min(eps_error, rel_error * eps_scale), 1e-4 * eps_scale)
     h = math.sqrt(8.0 * goal / ((1.0 + lam) * max(t_total, 1.0)))
-    return min(h, 0.005)
+    return min(h, 0.2 / max(lam, 1e-9), 0.005)
 
 
 def pld_epsilon(
@@ -352,47 +435,82 @@ def pld_epsilon(
     """Certified upper bound on epsilon for the composition of ``blocks``.
 
     ``blocks``: (sigma, q, steps) with distinct (sigma, q); ``eps_hint`` /
-    ``lam_hint``: rough epsilon and saddle point (e.g. from RDP: order - 1).
+    ``lam_hint``: rough epsilon and tilt (e.g. from RDP: epsilon, order - 1).
     """
     if delta_error is None:
         delta_error = 1e-3 * delta
+    if all(q == 1.0 for _, q, _ in blocks):
+        # No subsampling: the composition is exactly mu-GDP with mu^2 = sum T/sigma^2.
+        mu = math.sqrt(sum(n / (s * s) for s, _, n in blocks))
+        eps = gaussian_epsilon(mu, delta)
+        return PLDResult(epsilon=eps + 1e-9 * (1.0 + eps))
     t_total = float(sum(b[2] for b in blocks))
-    h = choose_grid_step(t_total, eps_hint, lam_hint, eps_error, rel_error)
-    result = _pld_epsilon_at_step(blocks, delta, delta_error, h, lam_hint)
-    if result.epsilon is not None:
-        # Refine the grid with the better estimates (epsilon, saddle point) if needed.
-        h2 = choose_grid_step(t_total, result.epsilon, result.tilt, eps_error, rel_error)
-        if h2 < 0.7 * h:
-            refined = _pld_epsilon_at_step(blocks, delta, delta_error, h2, result.tilt)
-            if refined.epsilon is not None:
-                result = PLDResult(min(result.epsilon, refined.epsilon), "", refined.grid_step, refined.fft_size, refined.tilt)
-    return result
-
-
-def _pld_epsilon_at_step(
-    blocks: list[tuple[float, float, int]], delta: float, delta_error: float, h: float, lam_hint: float
-) -> PLDResult:
-    t_total = float(sum(b[2] for b in blocks))
-    tail = 1e-3 * delta_error / t_total
     counts = [b[2] for b in blocks]
-    two_sided = any(q < 1.0 for _, q, _ in blocks)
-    reason = ""
-    for _ in range(3):
+    tail = 1e-3 * delta_error / t_total
+    lam = max(lam_hint, 1e-3)
+
+    def composition(h: float, direction: str) -> _Composition:
+        return _Composition([discretize(s, q, h, direction, tail) for s, q, _ in blocks], counts, delta, delta_error)
+
+    def solve(comp: _Composition, lam: float, **kw: float | None) -> _Solved:
+        """Solve, re-centring the tilt / using extended precision on round-off trouble."""
         try:
-            plds = [discretize(s, q, h, "remove", tail) for s, q, _ in blocks]
-            eps, n_fft, lam = _epsilon_one_direction(plds, counts, delta, delta_error, max(lam_hint, 1e-3))
-            if two_sided:
-                # the "add" direction only matters if it needs a larger epsilon
-                plds = [discretize(s, q, h, "add", tail) for s, q, _ in blocks]
-                eps_add, n_add, _ = _epsilon_one_direction(plds, counts, delta, delta_error, lam, eps_floor=eps)
-                eps, n_fft = max(eps, eps_add), max(n_fft, n_add)
-            return PLDResult(epsilon=max(eps, 0.0), grid_step=h, fft_size=n_fft, tilt=lam)
-        except _GridTooLarge as exc:
-            # coarser grid: still a valid upper bound, just less tight
-            h *= 4.0
-            reason = f"grid too large ({exc})"
-        except _Uncertified as exc:
-            return PLDResult(epsilon=None, reason=str(exc), grid_step=h)
-        except (FloatingPointError, OverflowError, ValueError, ZeroDivisionError) as exc:
-            return PLDResult(epsilon=None, reason=f"numerical trouble ({exc})", grid_step=h)
-    return PLDResult(epsilon=None, reason=reason, grid_step=h)
+            return comp.solve(lam, **kw)  # type: ignore[arg-type]
+        except _RoundOff as exc:
+            first = exc
+        try:
+            return comp.solve(lam, **{**kw, "eps_guess": max(first.eps, kw.get("eps_floor") or -math.inf)})  # type: ignore[arg-type]
+        except _RoundOff:
+            pass
+        return comp.solve(lam, **{**kw, "eps_guess": max(first.eps, kw.get("eps_floor") or -math.inf)}, extended=True)  # type: ignore[arg-type]
+
+    h = choose_grid_step(t_total, eps_hint, lam, eps_error, rel_error)
+    try:
+        # Grid step from cheap saddle-point estimates (no FFT).
+        for _ in range(3):
+            try:
+                remove = composition(h, "remove")
+                eps_est, lam = remove.estimate(lam)
+                break
+            except _GridTooLarge:
+                h *= 4.0
+        else:
+            return PLDResult(epsilon=None, reason="grid too large", grid_step=h)
+        h_new = choose_grid_step(t_total, eps_est, lam, eps_error, rel_error)
+        if h_new < 0.8 * h or h_new > 1.5 * h:
+            h = h_new
+            remove = composition(h, "remove")
+        # 1. "remove" direction (coarser grids if the FFT would be too large:
+        #    still an upper bound, only less tight).
+        for _ in range(4):
+            try:
+                # tilt at the saddle point of the estimate: the region that decides
+                # delta is then the centre of the computed distribution
+                sol = solve(remove, lam, eps_guess=eps_est)
+                break
+            except _GridTooLarge:
+                h *= 2.0
+                remove = composition(h, "remove")
+        else:
+            return PLDResult(epsilon=None, reason="grid too large", grid_step=h)
+        eps, lam, n_fft = sol.eps, sol.lam, sol.n_fft
+        # 2. "add" direction: only matters if it needs a larger epsilon; a coarser
+        #    grid (still an upper bound) usually settles that quickly.
+        eps_add = math.inf
+        for h_add in (2.0 * h, h):
+            try:
+                sol = solve(composition(h_add, "add"), lam, eps_floor=eps, eps_guess=eps)
+            except _GridTooLarge:
+                continue
+            eps_add, n_fft = sol.eps, max(n_fft, sol.n_fft)
+            if eps_add <= eps:
+                break
+        if not math.isfinite(eps_add):
+            return PLDResult(epsilon=None, reason="grid too large (add direction)", grid_step=h)
+        return PLDResult(epsilon=max(eps, eps_add, 0.0), grid_step=h, fft_size=n_fft, tilt=lam)
+    except _Uncertified as exc:
+        return PLDResult(epsilon=None, reason=str(exc), grid_step=h)
+    except _GridTooLarge as exc:
+        return PLDResult(epsilon=None, reason=f"grid too large ({exc})", grid_step=h)
+    except (FloatingPointError, OverflowError, ValueError, ZeroDivisionError) as exc:
+        return PLDResult(epsilon=None, reason=f"numerical trouble ({exc})", grid_step=h)
