@@ -50,6 +50,8 @@ class _Direction(nn.Module):
         self.hh = skip_init_linear(real_hidden, gates * hidden_size, bias, device, dtype)
         if proj_size > 0:
             self.hr = skip_init_linear(hidden_size, proj_size, False, device, dtype)
+        for leaf in self.children():
+            leaf.onednn = True  # torch's RNNs run on oneDNN; so do these leaves' clipped sums (see _gemm.py)
 
 
 class DPRNNBase(nn.Module):
@@ -203,12 +205,14 @@ class DPRNNBase(nn.Module):
             raise RuntimeError(f"input.size(-1) must be equal to input_size. Expected {self.input_size}, "
                                f"got {x.shape[-1]}")
         B, T = x.shape[0], x.shape[1]
+        if T == 0:
+            raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
         D = 2 if self.bidirectional else 1
         h0, c0 = self._initial_state(hx, B, batched, x)
         masks = None
         if lengths is not None and bool((lengths < T).any()):
             steps = torch.arange(T, device=x.device)
-            masks = (steps.unsqueeze(1) < lengths.to(x.device).unsqueeze(0)).unsqueeze(2)  # [T, B, 1]
+            masks = (steps.unsqueeze(0) < lengths.to(x.device).unsqueeze(1)).unsqueeze(2)  # [B, T, 1]
 
         layer_input = x
         h_n: List[Tensor] = []
@@ -276,14 +280,13 @@ class DPRNNBase(nn.Module):
         xg = cell.ih(x, xg_values)  # [B, T, G*h], engine-visible as one Linear call
         proj = self.proj_size > 0
         with torch.no_grad():
-            s = scan(self.mode, xg.detach().transpose(0, 1), cell.hh.bias, cell.hh.weight,
-                     cell.hr.weight if proj else None, h0.detach(), None if c0 is None else c0.detach(),
-                     reverse, masks)
+            s = scan(self.mode, xg_values, cell.hh.bias, cell.hh.weight, cell.hr.weight if proj else None,
+                     h0.detach(), None if c0 is None else c0.detach(), reverse, masks)
         if not torch.is_grad_enabled():
-            return s.out.transpose(0, 1), s.hT, s.cT
+            return s.out, s.hT, s.cT
         # Engine-visible calls of the recurrent weights, one per sequence, returning the scan's values.
-        z = cell.hh(s.h_prev().transpose(0, 1), s.z.transpose(0, 1))
-        p = cell.hr(s.extra["M"].transpose(0, 1), s.out.transpose(0, 1)) if proj else None
+        z = cell.hh(s.h_prev(), s.z)
+        p = cell.hr(s.extra["M"], s.out) if proj else None
         res = Recurrence.apply(s, xg, z, p, h0, c0)
         return res if self.mode == "LSTM" else (res[0], res[1], None)
 

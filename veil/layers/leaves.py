@@ -14,8 +14,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..grad_sample import state
-from ..grad_sample.rules.base import Call, Rule, register_rule
-from ..grad_sample.rules.linear import LinearRule
+from ..grad_sample.rules.base import Call, InstantiatedGrads, LayerGrads, Rule, register_rule
+from ..grad_sample.rules.linear import (LinearGhostGrads, LinearRule, ghost_is_cheaper, linear_per_sample,
+                                        stack_calls)
+from ._gemm import linear
 
 Tensor = torch.Tensor
 
@@ -74,9 +76,44 @@ def _rows(g: Tensor, a: Tensor) -> Tuple[Tensor, Tensor]:
 
 @register_rule(BatchFirstLinear)
 class BatchFirstLinearRule(LinearRule):
-    """The Linear rule for inputs whose batch is always dimension 0."""
+    """The Linear rule for inputs whose batch is always dimension 0.
+
+    For leaves flagged ``onednn = True`` (the recurrent layers' weights, whose torch twins run on
+    oneDNN) the ghost clipped sum ``(c ⊙ g)ᵀ a`` also runs on oneDNN when it applies (see _gemm.py).
+    """
 
     sequence_input = False
+
+    def layer_grads(self, module: nn.Module, calls: List[Call], names: List[str], mode: str) -> LayerGrads:
+        if not getattr(module, "onednn", False):
+            return super().layer_grads(module, calls, names, mode)
+        a, g = stack_calls(calls, module.in_features, module.out_features)
+        if mode == "ghost" or (mode == "auto" and ghost_is_cheaper(a.shape[1], a.shape[2], g.shape[2])):
+            return _OneDNNGhostGrads(a, g, names)
+        return InstantiatedGrads(linear_per_sample(a, g, names))
+
+
+class _OneDNNGhostGrads(LinearGhostGrads):
+    """LinearGhostGrads whose weight clipped sum is one oneDNN product (F.linear where that does not apply)."""
+
+    def _weight_sum(self, c: Tensor) -> Tensor:
+        B, T, p = self.g.shape
+        if B * T == 0:
+            return self.g.new_zeros(p, self.a.shape[-1])
+        gc = (self.g * c.to(self.g.dtype).view(B, 1, 1)).reshape(B * T, p)
+        return linear(gc.t(), self.a.reshape(B * T, self.a.shape[-1]).t())
+
+    def clipped_sum(self, factors: Dict[str, Tensor]) -> Dict[str, Tensor]:
+        out = super().clipped_sum({k: v for k, v in factors.items() if k != "weight"})
+        if "weight" in factors:
+            out["weight"] = self._weight_sum(factors["weight"])
+        return out
+
+    def add_clipped_sum_(self, name: str, factors: Tensor, out: Tensor) -> None:
+        if name == "weight" and out.dtype == self.g.dtype:
+            out.add_(self._weight_sum(factors))
+        else:
+            super().add_clipped_sum_(name, factors, out)
 
 
 class KVBias(nn.Module):
