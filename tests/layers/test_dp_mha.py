@@ -156,6 +156,44 @@ def test_per_sample_exact(mask, cross, extra, need_weights):
     assert_matches_reference(net, (x, mem, kpm, am), lambda y, i: (torch.tanh(y) * w).sum(), B)
 
 
+@pytest.mark.parametrize("need_weights", [False, True])
+def test_per_sample_exact_kdim_vdim(need_weights):
+    """Separate q/k/v projections (kdim, vdim != embed_dim), with key padding and bias_k/bias_v."""
+    torch.manual_seed(5)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.att = DPMultiheadAttention(6, 3, kdim=4, vdim=5, add_bias_kv=True, batch_first=True)
+
+        def forward(self, x, k, v, kpm):
+            out, w = self.att(x, k, v, key_padding_mask=kpm, need_weights=need_weights)
+            return out if w is None else out + w.sum(-1, keepdim=True)
+
+    B = 3
+    x, k, v = torch.randn(B, 4, 6), torch.randn(B, 5, 4), torch.randn(B, 5, 5)
+    kpm = torch.zeros(B, 5, dtype=torch.bool)
+    kpm[0, 1] = True
+    assert_matches_reference(Net(), (x, k, v, kpm), lambda y, i: torch.sin(y).sum(), B)
+
+
+def test_self_attention_mixed_calls():
+    """One module called for self- and cross-attention in one forward: slices and fused paths agree."""
+    torch.manual_seed(6)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.att = DPMultiheadAttention(4, 2, batch_first=True)
+
+        def forward(self, x, mem):
+            h = self.att(x, x, x, need_weights=False)[0]
+            return self.att(h, mem, mem, need_weights=False)[0]
+
+    x, mem = torch.randn(3, 4, 4), torch.randn(3, 2, 4)
+    assert_matches_reference(Net(), (x, mem), lambda y, i: torch.sin(y).sum(), 3)
+
+
 def test_per_sample_time_major_engine():
     """DPMultiheadAttention(batch_first=False) under GradSampleModule(batch_first=False)."""
     torch.manual_seed(1)
@@ -195,8 +233,10 @@ def test_state_dict_round_trip(kw):
     internal = {n: p.detach() * 2 for n, p in dp.named_parameters()}
     dp.load_state_dict(internal)
     assert all(torch.equal(p, internal[n]) for n, p in dp.named_parameters())
-    if dp.in_proj_weight is not None:
-        assert torch.equal(dp.in_proj_weight, torch.cat([dp.q_proj.weight, dp.k_proj.weight, dp.v_proj.weight]))
+    if dp.in_proj is not None:
+        assert dp.in_proj_weight is dp.in_proj.weight
+    else:
+        assert dp.in_proj_bias is None or torch.equal(dp.in_proj_bias, other.in_proj_bias * 2)
 
 
 def test_loads_opacus_layout():

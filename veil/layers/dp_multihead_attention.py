@@ -1,14 +1,19 @@
-"""DPMultiheadAttention: a drop-in nn.MultiheadAttention whose weights live in Linear leaves.
+"""DPMultiheadAttention: a drop-in nn.MultiheadAttention whose weights live in leaves with exact rules.
 
-The query/key/value/output projections are :class:`~veil.layers.leaves.BatchFirstLinear` modules
-(``q_proj``, ``k_proj``, ``v_proj``, ``out_proj``), each called once on the whole sequence, so the
-engine's Linear rule gives exact per-sample norms (ghost norms over the sequence when cheaper) and
-one-matmul clipped sums. ``bias_k``/``bias_v`` (``add_bias_kv=True``) live in a :class:`KVBias` leaf.
+* ``in_proj`` (:class:`~veil.layers.leaves.InProjection`) holds the packed ``[3E, E]`` query/key/value
+  projection when ``kdim == vdim == embed_dim``: self-attention is one matmul and its per-sample norm
+  one Linear ghost norm over the sequence; cross-attention projects each input by its third.
+  With other ``kdim``/``vdim``: three :class:`~veil.layers.leaves.BatchFirstLinear` leaves ``q_proj``,
+  ``k_proj``, ``v_proj``.
+* ``out_proj``: a BatchFirstLinear; ``kv_bias`` (``add_bias_kv=True``): a :class:`KVBias` leaf.
 
-``state_dict()`` uses nn.MultiheadAttention's keys (packed ``in_proj_weight``/``in_proj_bias``, or
-``q_proj_weight``/``k_proj_weight``/``v_proj_weight`` when ``kdim``/``vdim`` differ, ``out_proj.*``,
-``bias_k``, ``bias_v``); ``load_state_dict`` accepts those, the internal keys that
-``named_parameters()`` reports (``q_proj.weight``...), and Opacus's DPMultiheadAttention keys.
+Every leaf is called once on the whole sequence, so the engine computes exact per-sample norms (ghost
+norms over the sequence when cheaper) and one-matmul clipped sums.
+
+``state_dict()`` uses nn.MultiheadAttention's keys (``in_proj_weight``/``in_proj_bias``, or
+``q_proj_weight``/``k_proj_weight``/``v_proj_weight`` when kdim/vdim differ, ``out_proj.*``, ``bias_k``,
+``bias_v``); ``load_state_dict`` accepts those, the internal keys that ``named_parameters()`` reports
+(``in_proj.weight``, ``kv_bias.bias_k``, ...), and Opacus's DPMultiheadAttention keys.
 """
 from __future__ import annotations
 
@@ -20,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .leaves import BatchFirstLinear, KVBias, skip_init_linear
+from .leaves import BatchFirstLinear, InProjection, KVBias, skip_init_linear
 
 Tensor = torch.Tensor
 
@@ -63,10 +68,16 @@ class DPMultiheadAttention(nn.Module):
             raise AssertionError("embed_dim must be divisible by num_heads")
         self.add_zero_attn = add_zero_attn
         # Same RNG draws, in the same order, as nn.MultiheadAttention: out_proj's default init, then
-        # _reset_parameters. The q/k/v leaves are allocated without drawing.
-        self.q_proj = skip_init_linear(embed_dim, embed_dim, bias, device, dtype)
-        self.k_proj = skip_init_linear(self.kdim, embed_dim, bias, device, dtype)
-        self.v_proj = skip_init_linear(self.vdim, embed_dim, bias, device, dtype)
+        # _reset_parameters. The input projections are allocated without drawing.
+        if self._qkv_same_embed_dim:
+            self.in_proj: Optional[InProjection] = InProjection(embed_dim, bias, device, dtype)
+            self.q_proj = self.k_proj = self.v_proj = None
+        else:
+            self.in_proj = None
+            self.q_proj = skip_init_linear(embed_dim, embed_dim, bias, device, dtype)
+            self.k_proj = skip_init_linear(self.kdim, embed_dim, bias, device, dtype)
+            self.v_proj = skip_init_linear(self.vdim, embed_dim, bias, device, dtype)
+        self._has_bias = bias
         self.out_proj = BatchFirstLinear(embed_dim, embed_dim, bias=bias, device=device, dtype=dtype)
         if add_bias_kv:
             self.kv_bias: Optional[KVBias] = KVBias(embed_dim, device="meta", dtype=dtype).to_empty(
@@ -80,47 +91,46 @@ class DPMultiheadAttention(nn.Module):
     def _reset_parameters(self) -> None:
         """nn.MultiheadAttention's initialisation (xavier on the packed or separate in-projections)."""
         with torch.no_grad():
-            if self._qkv_same_embed_dim:
-                w = torch.empty(3 * self.embed_dim, self.embed_dim, dtype=self.q_proj.weight.dtype,
-                                device=self.q_proj.weight.device)
-                nn.init.xavier_uniform_(w)
-                for proj, part in zip((self.q_proj, self.k_proj, self.v_proj), w.chunk(3)):
-                    proj.weight.copy_(part)
+            if self.in_proj is not None:
+                nn.init.xavier_uniform_(self.in_proj.weight)
+                if self.in_proj.bias is not None:
+                    self.in_proj.bias.zero_()
             else:
                 for proj in (self.q_proj, self.k_proj, self.v_proj):
                     nn.init.xavier_uniform_(proj.weight)
-            if self.q_proj.bias is not None:
-                for proj in (self.q_proj, self.k_proj, self.v_proj, self.out_proj):
-                    proj.bias.zero_()
+                    if proj.bias is not None:
+                        proj.bias.zero_()
+            if self.out_proj.bias is not None:
+                self.out_proj.bias.zero_()
             if self.kv_bias is not None:
                 self.kv_bias.reset_parameters()
 
     # --------------------------------------------- nn.MultiheadAttention views
     @property
     def in_proj_weight(self) -> Optional[Tensor]:
-        """The packed ``[3E, E]`` in-projection (a concatenated copy), or None when kdim/vdim differ."""
-        if not self._qkv_same_embed_dim:
-            return None
-        return torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight])
+        """The packed ``[3E, E]`` in-projection parameter, or None when kdim/vdim differ."""
+        return None if self.in_proj is None else self.in_proj.weight
 
     @property
     def in_proj_bias(self) -> Optional[Tensor]:
-        """The packed ``[3E]`` in-projection bias (a concatenated copy), or None without bias."""
-        if self.q_proj.bias is None:
+        """The packed ``[3E]`` in-projection bias (a concatenated copy when kdim/vdim differ), or None."""
+        if not self._has_bias:
             return None
+        if self.in_proj is not None:
+            return self.in_proj.bias
         return torch.cat([self.q_proj.bias, self.k_proj.bias, self.v_proj.bias])
 
     @property
     def q_proj_weight(self) -> Optional[Tensor]:
-        return None if self._qkv_same_embed_dim else self.q_proj.weight
+        return None if self.q_proj is None else self.q_proj.weight
 
     @property
     def k_proj_weight(self) -> Optional[Tensor]:
-        return None if self._qkv_same_embed_dim else self.k_proj.weight
+        return None if self.k_proj is None else self.k_proj.weight
 
     @property
     def v_proj_weight(self) -> Optional[Tensor]:
-        return None if self._qkv_same_embed_dim else self.v_proj.weight
+        return None if self.v_proj is None else self.v_proj.weight
 
     @property
     def bias_k(self) -> Optional[Tensor]:
@@ -192,20 +202,13 @@ class DPMultiheadAttention(nn.Module):
         elif key_padding_mask is not None:
             is_causal = False  # the merged mask is no longer causal
 
-        # Internally everything is batch-first: [B, L, E].
+        # Internally everything is batch-first: [B, L, E] (keeping query is key is value when so).
         if not is_batched:
-            query, key, value = query.unsqueeze(0), key.unsqueeze(0), value.unsqueeze(0)
+            query, key, value = _same_map(lambda t: t.unsqueeze(0), query, key, value)
             if key_padding_mask is not None:
                 key_padding_mask = key_padding_mask.unsqueeze(0)
         elif not self.batch_first:
-            if key is value:
-                if query is key:
-                    query = key = value = query.transpose(0, 1)
-                else:
-                    query, key = query.transpose(0, 1), key.transpose(0, 1)
-                    value = key
-            else:
-                query, key, value = query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)
+            query, key, value = _same_map(lambda t: t.transpose(0, 1), query, key, value)
         B, L, E = query.shape
         if E != self.embed_dim:
             raise AssertionError(f"was expecting embedding dimension of {self.embed_dim}, but got {E}")
@@ -215,9 +218,10 @@ class DPMultiheadAttention(nn.Module):
         S = key.shape[1]
         H, hd = self.num_heads, self.head_dim
 
-        q = self.q_proj(query)
-        k = self.k_proj(key)
-        v = self.v_proj(value)
+        if self.in_proj is not None:
+            q, k, v = self.in_proj(query, key, value)
+        else:
+            q, k, v = self.q_proj(query), self.k_proj(key), self.v_proj(value)
 
         if attn_mask is not None:
             if attn_mask.dim() == 2:
@@ -328,12 +332,14 @@ def _shape_check(query, key, value, key_padding_mask, attn_mask, num_heads) -> b
 def _torch_to_internal(m: DPMultiheadAttention) -> dict:
     """nn.MultiheadAttention key -> internal keys it packs, in nn's state_dict order."""
     names: dict = {}
-    if m._qkv_same_embed_dim:
-        names["in_proj_weight"] = ["q_proj.weight", "k_proj.weight", "v_proj.weight"]
+    if m.in_proj is not None:
+        names["in_proj_weight"] = ["in_proj.weight"]
+        if m._has_bias:
+            names["in_proj_bias"] = ["in_proj.bias"]
     else:
         names.update(q_proj_weight=["q_proj.weight"], k_proj_weight=["k_proj.weight"], v_proj_weight=["v_proj.weight"])
-    if m.q_proj.bias is not None:
-        names["in_proj_bias"] = ["q_proj.bias", "k_proj.bias", "v_proj.bias"]
+        if m._has_bias:
+            names["in_proj_bias"] = ["q_proj.bias", "k_proj.bias", "v_proj.bias"]
     if m.kv_bias is not None:
         names.update(bias_k=["kv_bias.bias_k"], bias_v=["kv_bias.bias_v"])
     names["out_proj.weight"] = ["out_proj.weight"]
@@ -364,6 +370,11 @@ def _load_any_names(module: DPMultiheadAttention, state_dict: dict, prefix: str,
         if prefix + old in state_dict:
             t = state_dict.pop(prefix + old)
             state_dict[prefix + new] = t.reshape(1, 1, -1) if new.startswith("kv_bias") else t
+    if module.in_proj is not None:  # separate q/k/v tensors (Opacus's layout) -> the packed parameter
+        for kind in ("weight", "bias"):
+            parts = [prefix + f"{x}_proj.{kind}" for x in "qkv"]
+            if all(k in state_dict for k in parts):
+                state_dict[prefix + f"in_proj.{kind}"] = torch.cat([state_dict.pop(k) for k in parts])
     for tname, internal in _torch_to_internal(module).items():
         if tname in internal or prefix + tname not in state_dict:
             continue
@@ -375,6 +386,14 @@ def _load_any_names(module: DPMultiheadAttention, state_dict: dict, prefix: str,
             continue
         for k, part in zip(internal, parts):
             state_dict[prefix + k] = part.clone() if len(internal) > 1 else part
+
+
+def _same_map(fn, query: Tensor, key: Tensor, value: Tensor):
+    """fn applied to each of query, key, value, computing it once for arguments that are the same tensor."""
+    q = fn(query)
+    k = q if key is query else fn(key)
+    v = k if value is key else (q if value is query else fn(value))
+    return q, k, v
 
 
 def from_mha(m: nn.MultiheadAttention) -> DPMultiheadAttention:

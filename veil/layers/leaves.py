@@ -14,14 +14,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..grad_sample import state
-from ..grad_sample.rules.base import Call, InstantiatedGrads, LayerGrads, Rule, register_rule
-from ..grad_sample.rules.linear import (LinearGhostGrads, LinearRule, ghost_is_cheaper, linear_per_sample,
+from ..grad_sample.rules.base import Call, InstantiatedGrads, LayerGrads, Rule, norm_dtype, register_rule
+from ..grad_sample.rules.linear import (LinearGhostGrads, LinearRule, flat3, ghost_is_cheaper, linear_per_sample,
                                         stack_calls)
 from ._gemm import linear
 
 Tensor = torch.Tensor
 
-__all__ = ["BatchFirstLinear", "KVBias"]
+__all__ = ["BatchFirstLinear", "KVBias", "InProjection"]
 
 
 class BatchFirstLinear(nn.Linear):
@@ -165,3 +165,92 @@ def skip_init_linear(in_features: int, out_features: int, bias: bool, device=Non
     """A BatchFirstLinear with uninitialised weights that draws nothing from the global RNG."""
     m = BatchFirstLinear(in_features, out_features, bias=bias, device="meta", dtype=dtype)
     return m.to_empty(device=device if device is not None else torch.get_default_device())
+
+
+class InProjection(nn.Module):
+    """The packed query/key/value projection of an attention layer: ``weight`` [3E, E], ``bias`` [3E].
+
+    ``forward(query, key, value) -> (q, k, v)`` (batch first). For self-attention (``query is key is
+    value``) it is one matmul, and its rule sees one Linear call with a [B, T, 3E] output gradient, so
+    the per-sample norm needs one input Gram matrix instead of three. For cross-attention each input is
+    projected by its third of the weight and the rule adds the three slices' norms.
+    """
+
+    def __init__(self, embed_dim: int, bias: bool = True, device=None, dtype=None):
+        super().__init__()
+        kw = {"device": device, "dtype": dtype}
+        self.embed_dim = embed_dim
+        self.weight = nn.Parameter(torch.empty(3 * embed_dim, embed_dim, **kw))
+        if bias:
+            self.bias = nn.Parameter(torch.empty(3 * embed_dim, **kw))
+        else:
+            self.register_parameter("bias", None)
+
+    def forward(self, query: Tensor, key: Tensor, value: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+        if query is key and key is value:
+            return tuple(F.linear(query, self.weight, self.bias).chunk(3, -1))  # type: ignore[return-value]
+        E = self.embed_dim
+        ws = self.weight.split(E)
+        bs = self.bias.split(E) if self.bias is not None else (None, None, None)
+        return (F.linear(query, ws[0], bs[0]), F.linear(key, ws[1], bs[1]), F.linear(value, ws[2], bs[2]))
+
+
+@register_rule(InProjection)
+class InProjectionRule(Rule):
+    """Per-sample gradients of the packed projection from its inputs and the gradients of q, k, v."""
+
+    sequence_input = False
+
+    def capture(self, module: nn.Module, args: tuple, kwargs: dict, batch_first: bool):
+        q, k, v = args[:3]
+        if q is k and k is v:
+            return (q.detach(),)
+        return (q.detach(), k.detach(), v.detach())
+
+    def _parts(self, calls: List[Call]):
+        """Per slice (q, k, v): inputs and output gradients of all calls, joined along T."""
+        a = [[], [], []]
+        g = [[], [], []]
+        for c in calls:
+            xs = c.ctx * 3 if len(c.ctx) == 1 else c.ctx
+            for s in range(3):
+                a[s].append(flat3(xs[s]))
+                g[s].append(flat3(c.grad[s]))
+        return [_join_t(x) for x in a], [_join_t(x) for x in g]
+
+    def _lg(self, a: Tensor, g: Tensor, names: List[str], mode: str) -> LayerGrads:
+        if mode == "ghost" or (mode == "auto" and ghost_is_cheaper(a.shape[1], a.shape[2], g.shape[2])):
+            return LinearGhostGrads(a, g, names)
+        return InstantiatedGrads(linear_per_sample(a, g, names))
+
+    def layer_grads(self, module: nn.Module, calls: List[Call], names: List[str], mode: str) -> LayerGrads:
+        dt = norm_dtype(calls[0].grad[0].dtype)
+        if all(len(c.ctx) == 1 for c in calls):  # self-attention: one Linear with a [B, T, 3E] output
+            a = _join_t([flat3(c.ctx[0]) for c in calls]).to(dt)
+            g = _join_t([torch.cat([flat3(x) for x in c.grad], -1) for c in calls]).to(dt)
+            return self._lg(a, g, names, mode)
+        a, g = self._parts(calls)
+        return _StackedGrads([self._lg(a[s].to(dt), g[s].to(dt), names, mode) for s in range(3)])
+
+    def per_sample(self, module: nn.Module, calls: List[Call], names: List[str]) -> Dict[str, Tensor]:
+        return self.layer_grads(module, calls, names, "instantiate").per_sample()
+
+
+class _StackedGrads(LayerGrads):
+    """A parameter made of row blocks, each with its own LayerGrads: norms add, sums concatenate."""
+
+    def __init__(self, parts: List[LayerGrads]):
+        self.parts = parts
+        self.norms_sq = {n: sum(p.norms_sq[n] for p in parts) for n in parts[0].norms_sq}
+
+    def clipped_sum(self, factors: Dict[str, Tensor]) -> Dict[str, Tensor]:
+        sums = [p.clipped_sum(factors) for p in self.parts]
+        return {n: torch.cat([s[n] for s in sums], 0) for n in factors}
+
+    def per_sample(self) -> Dict[str, Tensor]:
+        per = [p.per_sample() for p in self.parts]
+        return {n: torch.cat([q[n] for q in per], 1) for n in per[0]}
+
+
+def _join_t(ts: List[Tensor]) -> Tensor:
+    return ts[0] if len(ts) == 1 else torch.cat(ts, 1)
