@@ -85,12 +85,18 @@ class BatchFirstLinearRule(LinearRule):
     sequence_input = False
 
     def layer_grads(self, module: nn.Module, calls: List[Call], names: List[str], mode: str) -> LayerGrads:
-        if not getattr(module, "onednn", False):
-            return super().layer_grads(module, calls, names, mode)
         a, g = stack_calls(calls, module.in_features, module.out_features)
-        if mode == "ghost" or (mode == "auto" and ghost_is_cheaper(a.shape[1], a.shape[2], g.shape[2])):
-            return _OneDNNGhostGrads(a, g, names)
+        if use_ghost(mode, a, g):
+            return (_OneDNNGhostGrads if getattr(module, "onednn", False) else LinearGhostGrads)(a, g, names)
         return InstantiatedGrads(linear_per_sample(a, g, names))
+
+
+def use_ghost(mode: str, a: Tensor, g: Tensor) -> bool:
+    """The engine's Linear choice: ghost norm in "ghost" mode, or in "auto" when DESIGN.md's cost model
+    says it is cheaper; instantiated per-sample gradients otherwise."""
+    if mode != "auto":
+        return mode == "ghost"
+    return ghost_is_cheaper(a.shape[1], a.shape[2], g.shape[2])
 
 
 class _OneDNNGhostGrads(LinearGhostGrads):
@@ -219,7 +225,7 @@ class InProjectionRule(Rule):
         return [_join_t(x) for x in a], [_join_t(x) for x in g]
 
     def _lg(self, a: Tensor, g: Tensor, names: List[str], mode: str) -> LayerGrads:
-        if mode == "ghost" or (mode == "auto" and ghost_is_cheaper(a.shape[1], a.shape[2], g.shape[2])):
+        if use_ghost(mode, a, g):
             return LinearGhostGrads(a, g, names)
         return InstantiatedGrads(linear_per_sample(a, g, names))
 
