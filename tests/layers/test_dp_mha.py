@@ -22,7 +22,7 @@ def make_pair(seed=0, **kw):
 MASKS = ["none", "kpm_bool", "kpm_float", "attn2_bool", "attn2_float", "attn3", "kpm_and_attn", "causal"]
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(
     heads=st.sampled_from([1, 2]),
     head_dim=st.integers(1, 3),

@@ -46,7 +46,7 @@ def _grads(model, x, hx, lengths, batch_first):
     return [out, *states], grads, params
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=80, deadline=None)
 @given(
     kind=st.sampled_from(sorted(PAIRS)),
     B=st.integers(1, 3),
@@ -268,3 +268,50 @@ def test_deepcopy_and_pickle_keep_torch_keys(tmp_path):
     torch.save(dp2, tmp_path / "m.pt")
     dp3 = torch.load(tmp_path / "m.pt", weights_only=False)
     assert list(dp3.state_dict()) == list(ref.state_dict())
+
+
+def test_make_private_time_major():
+    """make_private(batch_first=False) with a DPLSTM(batch_first=False) on [T, B, d] batches: one step
+    (σ = 0) equals the brute-force clipped mean."""
+    import warnings as _w
+
+    from veil import PrivacyEngine
+
+    torch.manual_seed(7)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.rnn = DPLSTM(3, 4, num_layers=2)  # time-major
+            self.head = nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.head(self.rnn(x)[0][-1])
+
+    N, B, T, C = 8, 4, 5, 0.2
+    xs, ys = torch.randn(N, T, 3), torch.randint(0, 2, (N,))
+    data = torch.utils.data.TensorDataset(xs, ys)
+    loader = torch.utils.data.DataLoader(
+        data, batch_size=B, collate_fn=lambda items: (torch.stack([i[0] for i in items], 1),
+                                                      torch.stack([i[1] for i in items])))
+    model = Net()
+    ref = copy.deepcopy(model)
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    with _w.catch_warnings():
+        _w.simplefilter("ignore")
+        model, opt, loader = PrivacyEngine(accountant="rdp").make_private(
+            module=model, optimizer=opt, data_loader=loader, noise_multiplier=0.0, max_grad_norm=C,
+            batch_first=False, poisson_sampling=False)
+    x, y = next(iter(loader))
+    assert x.shape == (T, B, 3)
+    per = brute_force_grads(ref, (x,), lambda out, i: F.cross_entropy(out, y[i:i + 1], reduction="sum"), B,
+                            batch_first=False)
+    norms = torch.cat([g.reshape(B, -1) for g in per.values()], 1).norm(dim=1)
+    c = torch.clamp(C / norms, max=1.0)
+    before = {n: p.detach().clone() for n, p in ref.named_parameters()}
+    opt.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    opt.step()
+    for n, p in model._module.named_parameters():
+        want = -torch.tensordot(c, per[n], dims=1) / opt.expected_batch_size
+        assert torch.allclose(p.detach() - before[n], want, rtol=1e-10, atol=1e-14), n
