@@ -78,11 +78,14 @@ class DiscretePLD:
     def losses(self) -> np.ndarray:
         return (self.lo + np.arange(len(self.pmf))) * self.h
 
+    def __post_init__(self) -> None:
+        nz = self.pmf > 0
+        self._logp = np.log(self.pmf[nz])
+        self._idx = (self.lo + np.flatnonzero(nz)).astype(np.float64)
+
     def log_mgf(self, lams: np.ndarray) -> np.ndarray:
         """log E[e^{lam*L}; L finite] for every lam in ``lams``."""
-        nz = self.pmf > 0
-        logp = np.log(self.pmf[nz])
-        idx = (self.lo + np.flatnonzero(nz)).astype(np.float64)
+        logp, idx = self._logp, self._idx
         out = np.empty(len(lams))
         for i, lam in enumerate(lams):
             v = logp + (lam * self.h) * idx
@@ -231,13 +234,18 @@ class _Composition:
         if self.p_inf >= self.target:
             raise _Uncertified("mass at infinity exceeds delta")
         self.log_budget = math.log(self.target - self.p_inf)
+        self._cgf_cache: dict[float, float] = {}
 
     def cgf(self, lam_values: np.ndarray) -> np.ndarray:
-        """K(lam) = sum_k T_k log E[e^{lam L_k}] of the finite part."""
-        out = np.zeros(len(lam_values))
-        for p, c in zip(self.plds, self.counts):
-            out += c * p.log_mgf(lam_values)
-        return out
+        """K(lam) = sum_k T_k log E[e^{lam L_k}] of the finite part (memoised)."""
+        lam_values = np.asarray(lam_values, dtype=np.float64)
+        todo = np.array([lam for lam in lam_values if float(lam) not in self._cgf_cache])
+        if len(todo):
+            out = np.zeros(len(todo))
+            for p, c in zip(self.plds, self.counts):
+                out += c * p.log_mgf(todo)
+            self._cgf_cache.update(zip(todo.tolist(), out.tolist()))
+        return np.array([self._cgf_cache[float(lam)] for lam in lam_values])
 
     def chernoff_eps(self, lams: np.ndarray, kvals: np.ndarray) -> np.ndarray:
         """Upper bounds on epsilon: delta(eps) <= p_inf + c(lam) e^{K(lam) - lam eps}."""
@@ -258,19 +266,22 @@ class _Composition:
                 return self.chernoff_eps(lams, kvals)
             return kvals + _log_hockey_const(lams) - lams * eps_guess
 
-        lams = lam_hint * 2.0 ** np.arange(-6.0, 7.0)
+        # lambdas on the lattice 2^(j/3) so that repeated searches share K values
+        j0 = round(3.0 * math.log2(lam_hint))
+        lams = 2.0 ** ((j0 + 3 * np.arange(-6, 7)) / 3.0)
         kvals = self.cgf(lams)
         for _ in range(3):  # extend the search if the optimum is at an end
             i = int(np.argmin(objective(lams, kvals)))
             if 0 < i < len(lams) - 1 or lams[i] >= lam_max:
                 break
-            ext = lams[i] * 2.0 ** (np.arange(1.0, 7.0) * (1 if i else -1))
+            ji = round(3.0 * math.log2(lams[i]))
+            ext = 2.0 ** ((ji + 3 * np.arange(1, 7) * (1 if i else -1)) / 3.0)
             ext = ext[ext <= lam_max]
             lams, kvals = np.concatenate([lams, ext]), np.concatenate([kvals, self.cgf(ext)])
             order = np.argsort(lams)
             lams, kvals = lams[order], kvals[order]
-        best = float(lams[int(np.argmin(objective(lams, kvals)))])
-        fine = best * 2.0 ** np.array([-2 / 3, -1 / 3, 1 / 3, 2 / 3])
+        jb = round(3.0 * math.log2(float(lams[int(np.argmin(objective(lams, kvals)))])))
+        fine = 2.0 ** ((jb + np.array([-2, -1, 1, 2])) / 3.0)
         fine = fine[fine <= lam_max]
         lams, kvals = np.concatenate([lams, fine]), np.concatenate([kvals, self.cgf(fine)])
         i_t = int(np.argmin(objective(lams, kvals)))
@@ -315,7 +326,7 @@ class _Composition:
         # Window [A, A + W) on the loss axis.
         eta_hi = 0.25 * delta_error  # mass lost above the window (charged to delta)
         eta_alias = 0.05 * delta_error  # aliasing into the region used (only inflates delta)
-        lam_up = lam * (1.0 + np.geomspace(1e-3, 31.0, 24))
+        lam_up = lam * (1.0 + np.geomspace(1e-3, 31.0, 16))
         k_up = self.cgf(lam_up)
         top_min = float(min(np.min((kvals - math.log(eta_hi)) / lams), np.min((k_up - math.log(eta_hi)) / lam_up)))
 
