@@ -43,11 +43,12 @@ class PRVAccountant(IAccountant):
             eps_error: tightness goal (absolute); the grid is chosen so that the
                 discretisation bias stays below ``min(eps_error, 0.2% of epsilon)``.
             delta_error: part of ``delta`` reserved for truncation and round-off
-                (default ``delta / 1000``).
+                (default ``delta / 1000``, raised to ``delta / 100`` if round-off needs it).
         """
         delta = check_delta(delta)
         if not (isinstance(eps_error, (int, float)) and math.isfinite(eps_error) and eps_error > 0):
             raise ValueError(f"eps_error={eps_error!r} is invalid: it must be > 0 (range (0, inf)).")
+        adaptive = delta_error is None
         if delta_error is None:
             delta_error = delta / 1000.0
         if not (0.0 < float(delta_error) < delta):
@@ -55,17 +56,19 @@ class PRVAccountant(IAccountant):
         blocks = self._blocks()
         if not blocks:
             return 0.0
-        key = (tuple(sorted(blocks)), delta, float(eps_error), float(delta_error))
+        key = (tuple(sorted(blocks)), delta, float(eps_error), float(delta_error), adaptive)
         if key in self._cache:
             return self._cache[key]
-        eps = self._compute(blocks, delta, float(eps_error), float(delta_error))
+        eps = self._compute(blocks, delta, float(eps_error), float(delta_error), adaptive)
         if len(self._cache) > 64:
             self._cache.clear()
         self._cache[key] = eps
         return eps
 
     @staticmethod
-    def _compute(blocks: list[tuple[float, float, int]], delta: float, eps_error: float, delta_error: float) -> float:
+    def _compute(
+        blocks: list[tuple[float, float, int]], delta: float, eps_error: float, delta_error: float, adaptive: bool = False
+    ) -> float:
         orders = rdp_analysis.DEFAULT_ALPHAS
         rdp = sum(rdp_analysis.compute_rdp(q=q, noise_multiplier=s, steps=n, orders=orders) for s, q, n in blocks)
         eps_rdp, alpha = rdp_analysis.get_privacy_spent(orders=orders, rdp=rdp, delta=delta)
@@ -79,6 +82,16 @@ class PRVAccountant(IAccountant):
             eps_hint=eps_rdp,
             lam_hint=max(alpha - 1.0, 1e-3),
         )
+        if result.epsilon is None and adaptive and "round-off" in result.reason:
+            # default delta_error: allow up to 1% of delta for round-off before giving up
+            result = pld_analysis.pld_epsilon(
+                blocks,
+                delta,
+                eps_error=eps_error,
+                delta_error=delta / 100.0,
+                eps_hint=eps_rdp,
+                lam_hint=max(alpha - 1.0, 1e-3),
+            )
         if result.epsilon is None or not math.isfinite(result.epsilon):
             warnings.warn(
                 f"PRVAccountant could not certify a tight epsilon ({result.reason}); "
