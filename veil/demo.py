@@ -5,7 +5,6 @@ Trains with Poisson sampling and per-sample clipping at a target ε, then prints
 from __future__ import annotations
 
 import argparse
-import copy
 import time
 
 import torch
@@ -44,13 +43,6 @@ def load(seed: int = 0):
     return TensorDataset(x[train], y[train]), TensorDataset(x[test], y[test])
 
 
-@torch.no_grad()
-def update_average(averaged: nn.Module, model: nn.Module, decay: float) -> None:
-    """Exponential moving average of the released parameters (post-processing: no privacy cost)."""
-    for a, p in zip(averaged.parameters(), model.parameters()):
-        a.lerp_(p.detach(), 1.0 - decay)
-
-
 def accuracy(model: nn.Module, ds: TensorDataset) -> float:
     model.eval()
     with torch.no_grad():
@@ -69,15 +61,12 @@ def main(argv=None) -> float:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--optimizer", choices=["sgd", "adam"], default="sgd")
     ap.add_argument("--channels", type=int, default=16)
-    ap.add_argument("--ema", type=float, default=0.97,
-                    help="decay of the parameter average used for evaluation (0: none); free post-processing")
     args = ap.parse_args(argv)
 
     torch.manual_seed(args.seed)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     train, test = load(args.seed)
     model = DigitsCNN(args.channels)
-    averaged = copy.deepcopy(model)
     if args.optimizer == "adam":
         optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
     else:
@@ -100,9 +89,8 @@ def main(argv=None) -> float:
             optimizer.zero_grad()
             F.cross_entropy(model(x), y).backward()
             optimizer.step()
-            update_average(averaged, model, args.ema)
         bar.set_postfix(eps=f"{engine.get_epsilon(args.delta):.2f}")
-    acc = accuracy(averaged, test)
+    acc = accuracy(model, test)
     eps = engine.get_epsilon(args.delta)
     print(f"test accuracy {acc:.4f} at epsilon {eps:.2f} (delta {args.delta:g}) in {time.time() - start:.0f} s")
     return acc
