@@ -58,6 +58,11 @@ MAX_SINGLE_GRID = 4_000_000
 # ----------------------------------------------------------------------------
 
 
+def _exp_no_subnormal(x: np.ndarray) -> np.ndarray:
+    """exp(x) with results below ~1e-304 set to 0 (subnormals make numpy very slow)."""
+    return np.exp(np.where(x > -700.0, x, -np.inf))
+
+
 def _interval_mass(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Standard normal mass of [a, b] (a <= b), accurate in both tails."""
     with np.errstate(invalid="ignore"):
@@ -90,7 +95,7 @@ class DiscretePLD:
         for i, lam in enumerate(lams):
             v = logp + (lam * self.h) * idx
             m = float(np.max(v))
-            out[i] = m + math.log(float(np.sum(np.exp(v - m))))
+            out[i] = m + math.log(float(np.sum(_exp_no_subnormal(v - m))))
         return out
 
 
@@ -295,12 +300,12 @@ class _Composition:
             loss = p.losses()
             with np.errstate(divide="ignore"):
                 lw = np.log(p.pmf) + lam * loss
-            w = np.exp(lw - float(np.max(lw)))
+            w = _exp_no_subnormal(lw - float(np.max(lw)))
             w /= w.sum()
-            mu = float(np.dot(w, loss))
+            mu = float(np.sum(w * loss))  # (no BLAS: its threads stall under load)
             tilted.append(w)
             mean_t += c * mu
-            var_t += c * float(np.dot(w, (loss - mu) ** 2))
+            var_t += c * float(np.sum(w * (loss - mu) ** 2))
         return tilted, mean_t, math.sqrt(var_t)
 
     def estimate(self, lam_hint: float) -> tuple[float, float]:
@@ -365,7 +370,7 @@ class _Composition:
             # untilt: p_j = tilted_j * exp(K - lam*l_j), capped at 1 (a probability)
             with np.errstate(divide="ignore", over="ignore"):
                 log_p = np.log(tilted_win) + (k_lam - lam * loss)
-            p = np.exp(np.minimum(log_p, 0.0))
+            p = _exp_no_subnormal(np.minimum(log_p, 0.0))
             # delta at grid points: delta_k = p_inf + (e^h - 1) * sum_{i>=k} D_i with
             # D_k = e^{-h} (p_{k+1} + D_{k+1}); every term is non-negative.
             decay = math.exp(-h)
@@ -402,7 +407,7 @@ class _Composition:
         ffts = []
         shift = 0
         for p, c, w in zip(self.plds, self.counts, tilted):
-            center = int(round(float(np.dot(w, np.arange(len(w))))))
+            center = int(round(float(np.sum(w * np.arange(len(w))))))
             pos = (np.arange(len(w)) - center) % n_fft
             f = rfft(np.bincount(pos, weights=w, minlength=n_fft).astype(dtype))
             with np.errstate(divide="ignore"):
