@@ -18,6 +18,7 @@ import time
 import warnings
 
 from veil.accountants import create_accountant, get_noise_multiplier
+from veil.accountants.analysis import rdp as rdp_analysis
 
 STEPS = [10**2, 10**3, 10**4, 10**5, 10**6]
 SIGMA, DELTA, TARGET_EPS = 1.0, 1e-6, 4.0
@@ -31,6 +32,7 @@ def sample_rate(steps: int) -> float:
 def median_time(fn, repeats: int) -> float:
     times = []
     for _ in range(repeats):
+        rdp_analysis._rdp_single_step.cache_clear()  # time cold calls (no memoised RDP curves)
         t0 = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t0)
@@ -85,6 +87,39 @@ def peers(steps: int) -> dict:
     return out
 
 
+STRESS = [
+    ("sigma=0.5, q=1e-3, delta=1e-12", [(0.5, 1e-3, 10**6)], 1e-12, 50.0),
+    ("sigma=1, q=1e-4, delta=1e-12", [(1.0, 1e-4, 10**6)], 1e-12, 0.5),
+    ("sigma=0.3, q=0.01, delta=1e-5 (eps ~ 1.7e4)", [(0.3, 0.01, 10**6)], 1e-5, None),
+    ("sigma=2, q=0.1, delta=1e-5", [(2.0, 0.1, 10**6)], 1e-5, None),
+    ("10 blocks sigma=0.8..0.89, q=1e-3, delta=1e-6", [(0.8 + 0.01 * i, 1e-3, 10**5) for i in range(10)], 1e-6, None),
+]
+
+
+def stress_table(repeats: int) -> str:
+    """Harder settings, 10^6 steps in total: PRV get_epsilon (and get_noise_multiplier)."""
+    lines = [
+        "Harder settings (10^6 steps in total), PRV accountant, median ms:",
+        "",
+        "| setting | PRV get_epsilon | epsilon | RDP epsilon | PRV get_noise_multiplier (target) |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for name, history, delta, target in STRESS:
+        def run(mech="prv", history=history, delta=delta):
+            acc = create_accountant(mech)
+            acc.history = list(history)
+            return acc.get_epsilon(delta)
+
+        t = median_time(run, repeats)
+        noise = ""
+        if target is not None:
+            (sigma, q, steps), = history
+            tn = median_time(lambda: get_noise_multiplier(target, delta, q, steps=steps), max(1, repeats // 2))
+            noise = f"{1e3 * tn:.1f} (eps={target:g})"
+        lines.append(f"| {name} | {1e3 * t:.1f} | {run():.4f} | {run('rdp'):.4f} | {noise} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--repeats", type=int, default=5)
@@ -110,9 +145,11 @@ def main() -> None:
     cols = list(rows[0][1])
     lines = [
         f"Accounting benchmark: sigma={SIGMA}, delta={DELTA}, q=min(0.1, max(1e-3, 100/steps)); "
-        f"get_noise_multiplier targets epsilon={TARGET_EPS}. Median seconds (epsilon in brackets).",
+        f"get_noise_multiplier targets epsilon={TARGET_EPS}. Median wall time in milliseconds over "
+        f"{args.repeats} cold runs (epsilon in brackets).",
         "",
-        f"Machine: {platform.machine()}, {os.cpu_count()} CPU(s), Python {platform.python_version()}.",
+        f"Machine: {platform.machine()}, {os.cpu_count()} CPU(s), Python {platform.python_version()}, "
+        f"load average at start {os.getloadavg()[0]:.1f}.",
         "",
         "| steps | q | " + " | ".join(cols) + " |",
         "|---:|---:|" + "---:|" * len(cols),
@@ -121,8 +158,9 @@ def main() -> None:
         parts = []
         for c in cols:
             t, e = cells[c]
-            parts.append(f"{t:.4f}" + (f" ({e:.4f})" if e is not None else ""))
+            parts.append(f"{1e3 * t:.2f}" + (f" ({e:.4f})" if e is not None else ""))
         lines.append(f"| {steps:,} | {sample_rate(steps):g} | " + " | ".join(parts) + " |")
+    lines += ["", stress_table(args.repeats)]
     table = "\n".join(lines)
     print(table)
     if args.out:
