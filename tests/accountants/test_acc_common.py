@@ -183,3 +183,4 @@ def test_edges_finite_and_ordered(sigma, q, steps, delta):
 def test_large_epsilon_edge():
     assert eps("prv", [(0.3, 0.05, 1000)]) > 10
     assert eps("rdp", [(0.3, 0.05, 1000)]) > 10
+

@@ -13,10 +13,10 @@ Outline of :func:`pld_epsilon`
    so every composition of discrete pairs dominates the true composition.
    Mass beyond the grid is moved up (lower tail) or to +infinity (upper tail),
    which is pessimistic too.  The bias of this construction is second order in
-   h, and h is chosen from the number of steps so that it stays below
-   ``eps_error``.
+   h, about (1 + lambda) * T * h^2 / 8, and h is chosen so that it stays below
+   min(eps_error, 0.1% of epsilon).
 2. **Composition by FFT with exponential tilting.**  The discrete PLDs are tilted
-   by e^{lambda*l} (lambda = saddle point for the requested delta), raised to
+   by e^{lambda*l} (lambda = saddle point at the estimated epsilon), raised to
    their step counts in Fourier space, multiplied and transformed back, then
    untilted.  Tilting makes the region that decides delta the centre of the
    computed distribution, so round-off stays relative (this is what keeps
@@ -26,7 +26,9 @@ Outline of :func:`pld_epsilon`
    K(lambda) = sum_k T_k log E[e^{lambda L_k}]: mass that would wrap around is
    either bounded and charged to delta (mass above the window) or can only
    increase the computed delta (all other aliasing), so the result stays an
-   upper bound.  A conservative round-off estimate is charged to delta as well.
+   upper bound.  A conservative round-off estimate is charged to delta as well;
+   if it does not fit, the tilt is re-centred and the FFT redone in extended
+   precision.
 4. **epsilon from delta.**  delta(eps) of a discrete PLD is piecewise linear in
    e^eps between grid points; it is evaluated with a stable recursion and
    inverted exactly.
@@ -48,9 +50,8 @@ from scipy.special import ndtr, ndtri
 
 from .gdp import eps_from_mu as gaussian_epsilon
 
-_U = float(np.finfo(np.float64).eps)
-MAX_FFT_SIZE = 1 << 21
-MAX_SINGLE_GRID = 4_000_000
+MAX_FFT_SIZE = 1 << 21  # largest cyclic grid (~2M points) before coarsening / fallback
+MAX_SINGLE_GRID = 2_000_000  # largest single-step grid
 
 
 # ----------------------------------------------------------------------------
