@@ -60,6 +60,17 @@ def grouped_grad(module: Conv, g: Tensor) -> Tensor:
     return g.reshape(g.shape[0], module.groups, module.out_channels // module.groups, math.prod(g.shape[2:]))
 
 
+def _sum(ts: List[Tensor]) -> Tensor:
+    total = ts[0]
+    for t in ts[1:]:
+        total = total + t
+    return total
+
+
+def _cat_last(ts: List[Tensor]) -> Tensor:
+    return ts[0] if len(ts) == 1 else torch.cat(ts, -1)
+
+
 def ghost_is_cheaper(L: int, k: int, p: int) -> bool:
     """DESIGN.md's cost model per group: ghost ~L²(p+k) per sample, instantiating ~L·p·k."""
     return L * (p + k) <= p * k
@@ -76,11 +87,24 @@ def conv_per_sample(module: Conv, xs: List[Tensor], gs: List[Tensor], names: Lis
     """Per-sample gradients, summed over calls; ``xs`` are the padded inputs."""
     out: Dict[str, Tensor] = {}
     if "weight" in names:
-        w = sum(torch.matmul(grouped_grad(module, g), unfold(module, x).transpose(-1, -2)) for x, g in zip(xs, gs))
-        out["weight"] = w.reshape(w.shape[0], *module.weight.shape)
+        out["weight"] = _sum([weight_per_sample(module, x, g) for x, g in zip(xs, gs)])
     if "bias" in names:
         out["bias"] = bias_per_sample(gs)
     return out
+
+
+def weight_per_sample(module: Conv, x: Tensor, g: Tensor) -> Tensor:
+    """Per-sample weight gradients [B, *weight.shape] of one call, as a single weight-gradient
+    convolution in which every sample is a group of its own (no unfolded patches in memory)."""
+    B = x.shape[0]
+    if B == 0:
+        return x.new_zeros((0, *module.weight.shape))
+    weight_grad = _WEIGHT_GRAD[len(module.kernel_size)]
+    shape = (B * module.out_channels, *module.weight.shape[1:])
+    w = weight_grad(x.reshape(1, B * module.in_channels, *x.shape[2:]), shape,
+                    g.reshape(1, B * module.out_channels, *g.shape[2:]),
+                    stride=module.stride, dilation=module.dilation, groups=B * module.groups)
+    return w.reshape(B, *module.weight.shape)
 
 
 def bias_per_sample(gs: List[Tensor]) -> Tensor:
@@ -104,8 +128,8 @@ class ConvGhostGrads(LayerGrads):
         self.module, self.xs, self.gs, self.names = module, xs, gs, names
         self.norms_sq = {}
         if "weight" in names:
-            u = torch.cat([unfold(module, x) for x in xs], -1)
-            g = torch.cat([grouped_grad(module, g) for g in gs], -1)
+            u = _cat_last([unfold(module, x) for x in xs])
+            g = _cat_last([grouped_grad(module, g) for g in gs])
             uu = torch.matmul(u.transpose(-1, -2), u)
             gg = torch.matmul(g.transpose(-1, -2), g)
             self.norms_sq["weight"] = (uu * gg).sum((1, 2, 3))
@@ -119,10 +143,10 @@ class ConvGhostGrads(LayerGrads):
         if "weight" in factors:
             c = factors["weight"]
             weight_grad = _WEIGHT_GRAD[len(m.kernel_size)]
-            out["weight"] = sum(
+            out["weight"] = _sum([
                 weight_grad(x, m.weight.shape, scale_samples(g, c), stride=m.stride, dilation=m.dilation, groups=m.groups)
                 for x, g in zip(self.xs, self.gs)
-            )
+            ])
         if "bias" in factors:
             out["bias"] = factors["bias"].to(self.gsum.dtype) @ self.gsum
         return out
