@@ -60,14 +60,14 @@ class _KnownLinear(torch.autograd.Function):
         d_w = d_b = None
         if need_w or (need_b and ctx.has_bias):
             g2, a2 = _rows(g, input)
-            d_w = g2.t() @ a2 if need_w else None
+            d_w = linear(g2.t(), a2.t()) if need_w else None  # g2ᵀ a2 (on oneDNN where it applies)
             d_b = g2.sum(0) if (need_b and ctx.has_bias) else None
         return None, d_in, d_w, d_b
 
 
 def _rows(g: Tensor, a: Tensor) -> Tuple[Tensor, Tensor]:
     """``g`` [B, T, p] and ``a`` [B, T, d] as matrices of rows in the same order, without copying
-    when both are time-major buffers seen batch-first (as the recurrent layers pass them)."""
+    when both are time-major buffers seen batch-first."""
     if g.dim() == 3 and not g.is_contiguous() and g.transpose(0, 1).is_contiguous() \
             and a.transpose(0, 1).is_contiguous():
         g, a = g.transpose(0, 1), a.transpose(0, 1)
