@@ -60,3 +60,43 @@ def test_registered_rule_is_used():
     x = torch.randn(4, 3)
     assert_matches_reference(model, (x,), lambda y, i: y.square().sum(), 4, modes=("auto",))
     assert calls == [1]
+
+
+class TiedLM(nn.Module):
+    """Embedding and output layer share one weight (weight tying), both used through module calls."""
+
+    def __init__(self, vocab=9, d=4):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, d)
+        self.mix = nn.Linear(d, d)
+        self.out = nn.Linear(d, vocab, bias=False)
+        self.out.weight = self.emb.weight
+
+    def forward(self, tokens):
+        return self.out(torch.tanh(self.mix(self.emb(tokens)))).mean(1)
+
+
+def test_parameter_shared_between_modules_is_exact():
+    torch.manual_seed(0)
+    model = TiedLM()
+    tokens = torch.randint(0, 9, (5, 3))
+    w = torch.randn(9)
+    assert_matches_reference(model, (tokens,), lambda y, i: (y * w).sum(), 5, modes=("auto", "ghost", "instantiate"))
+
+
+class Centered(nn.Module):
+    """A layer with a buffer (no rule): the fallback must use the buffer as is."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(d))
+        self.register_buffer("center", torch.randn(d))
+
+    def forward(self, x):
+        return (x - self.center) * self.weight
+
+
+def test_layer_with_a_buffer_is_exact():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), Centered(4))
+    assert_matches_reference(model, (torch.randn(6, 3),), lambda y, i: y.square().sum(), 6, modes=("auto",))
