@@ -105,7 +105,7 @@ def main(argv: Optional[Sequence[str]] = None) -> float:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--epsilon", type=float, default=3.0, help="target ε; inf: same recipe without noise")
     ap.add_argument("--delta", type=float, default=1e-5)
-    ap.add_argument("--epochs", type=int, default=20)
+    ap.add_argument("--epochs", type=int, default=15)
     ap.add_argument("--batch-size", type=int, default=512, help="expected (Poisson) batch size")
     ap.add_argument("--lr", type=float, default=0.005)
     ap.add_argument("--max-grad-norm", "-C", type=float, default=1.0)

@@ -73,12 +73,14 @@ def test_augmentation_multiplicity_is_one_gradient_per_example():
     model = fm.build_model("gn", 4).double()
     x = torch.randn(3, 2, 1, 28, 28, dtype=torch.float64)
     y = torch.tensor([1, 4, 7])
+    refs = [torch.autograd.grad(fm.view_loss(model(x[i:i + 1]), y[i:i + 1]), list(model.parameters()))
+            for i in range(3)]
     gsm = GradSampleModule(model)
     fm.view_loss(gsm(x), y).backward()
-    for i in range(3):
-        ref = torch.autograd.grad(fm.view_loss(model(x[i:i + 1]), y[i:i + 1]), list(model.parameters()))
+    for i, ref in enumerate(refs):
         for p, r in zip(model.parameters(), ref):
-            torch.testing.assert_close(p.grad_sample[i], r)  # "mean" reduction: the gradient of loss_i
+            # standalone "mean" reduction: grad_sample[i] is the gradient of loss_i / B
+            torch.testing.assert_close(p.grad_sample[i] * len(y), r)
 
 
 @pytest.mark.skipif(importlib.util.find_spec("faker") is None, reason="faker is not installed")
