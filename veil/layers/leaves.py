@@ -106,8 +106,12 @@ class _OneDNNGhostGrads(LinearGhostGrads):
         B, T, p = self.g.shape
         if B * T == 0:
             return self.g.new_zeros(p, self.a.shape[-1])
-        gc = (self.g * c.to(self.g.dtype).view(B, 1, 1)).reshape(B * T, p)
-        return linear(gc.t(), self.a.reshape(B * T, self.a.shape[-1]).t())
+        N, d = B * T, self.a.shape[-1]
+        c = c.to(self.g.dtype).view(B, 1, 1)
+        # (c ⊙ g)ᵀ a = gᵀ (c ⊙ a): scale the smaller factor
+        if d <= p:
+            return linear(self.g.reshape(N, p).t(), (self.a * c).reshape(N, d).t())
+        return linear((self.g * c).reshape(N, p).t(), self.a.reshape(N, d).t())
 
     def clipped_sum(self, factors: Dict[str, Tensor]) -> Dict[str, Tensor]:
         out = super().clipped_sum({k: v for k, v in factors.items() if k != "weight"})
