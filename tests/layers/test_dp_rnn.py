@@ -315,3 +315,31 @@ def test_make_private_time_major():
     for n, p in model._module.named_parameters():
         want = -torch.tensordot(c, per[n], dims=1) / opt.expected_batch_size
         assert torch.allclose(p.detach() - before[n], want, rtol=1e-10, atol=1e-14), n
+
+
+@pytest.mark.parametrize("mode", ["ghost", "instantiate"])
+@pytest.mark.parametrize("kind", ["lstm", "gru", "rnn_tanh"])
+def test_float32_engine_matches_float64(kind, mode):
+    """The float32 fast path (oneDNN products, tanh via sigmoid, oneDNN clipped sums) gives the float64
+    per-sample norms and clipped sums to float32 accuracy."""
+    from tests.reference import engine_chunk
+
+    torch.manual_seed(8)
+    net = SeqNet(kind, packed=True, input_size=3, hidden_size=5, bidirectional=True)
+    B = 4
+    x, lengths, h0 = torch.randn(B, 6, 3), torch.tensor([6, 2, 5, 1]), torch.randn(B, 2, 5)
+    w = torch.randn(2)
+    factors = torch.rand(B, dtype=torch.float64)
+
+    def loss(y):
+        return (torch.tanh(y[0]) * w.to(y[0].dtype)).sum() + y[1].pow(2).sum()
+
+    res = {}
+    for dt in (torch.float64, torch.float32):
+        m = copy.deepcopy(net).to(dt)
+        res[dt] = engine_chunk(m, (x.to(dt), lengths, h0.to(dt)), loss, mode, factors.to(dt))
+    for name, n64 in res[torch.float64].norms_sq.items():
+        n32 = res[torch.float32].norms_sq[name].double()
+        assert torch.allclose(n32, n64, rtol=1e-4, atol=1e-6 * n64.abs().max().item()), name
+        c64, c32 = res[torch.float64].clipped[name], res[torch.float32].clipped[name].double()
+        assert torch.allclose(c32, c64, rtol=1e-4, atol=1e-5 * c64.abs().max().item()), name
