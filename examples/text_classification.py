@@ -101,11 +101,11 @@ def accuracy(model: nn.Module, ds: TensorDataset) -> float:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> float:
-    """Trains and returns the final test accuracy."""
+    """Trains and returns the final test (or validation) accuracy."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--epsilon", type=float, default=3.0, help="target ε; inf: same recipe without noise")
     ap.add_argument("--delta", type=float, default=1e-5)
-    ap.add_argument("--epochs", type=int, default=15)
+    ap.add_argument("--epochs", type=int, default=30)
     ap.add_argument("--batch-size", type=int, default=512, help="expected (Poisson) batch size")
     ap.add_argument("--lr", type=float, default=0.005)
     ap.add_argument("--max-grad-norm", "-C", type=float, default=1.0)
@@ -115,6 +115,7 @@ def main(argv: Optional[Sequence[str]] = None) -> float:
     ap.add_argument("--max-len", type=int, default=48)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--subset", type=int, default=0, help="train on N random training snippets")
+    ap.add_argument("--val", action="store_true", help="hold out 20%% of the training snippets; report validation accuracy")
     ap.add_argument("--smoke", action="store_true", help="CI: 1 epoch on 500 snippets")
     args = ap.parse_args(argv)
     if args.smoke:
@@ -128,6 +129,10 @@ def main(argv: Optional[Sequence[str]] = None) -> float:
     random.Random(args.seed).shuffle(pairs)
     n_test = len(pairs) // 5
     test_pairs, train_pairs = pairs[:n_test], pairs[n_test:]
+    split = "test"
+    if args.val:
+        n_val = len(train_pairs) // 5
+        test_pairs, train_pairs, split = train_pairs[:n_val], train_pairs[n_val:], "validation"
     if args.subset:
         train_pairs = train_pairs[:args.subset]
     train = encode(train_pairs, args.buckets, args.max_len)
@@ -146,7 +151,7 @@ def main(argv: Optional[Sequence[str]] = None) -> float:
         model, optimizer, loader = engine.make_private(
             module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=0.0,
             max_grad_norm=args.max_grad_norm)
-    print(f"Rotten Tomatoes: {len(train)} train / {len(test)} test snippets, sample rate {loader.sample_rate:.4f}, "
+    print(f"Rotten Tomatoes: {len(train)} train / {len(test)} {split} snippets, sample rate {loader.sample_rate:.4f}, "
           f"noise multiplier {optimizer.noise_multiplier:.3f}, {args.epochs} epochs", flush=True)
 
     def epsilon() -> float:
@@ -162,7 +167,7 @@ def main(argv: Optional[Sequence[str]] = None) -> float:
         bar.set_postfix(eps=f"{epsilon():.2f}", refresh=False)
     bar.close()
     acc = accuracy(model, test)
-    print(f"test accuracy {acc:.4f} at epsilon {epsilon():.2f} (delta {args.delta:g}) in {time.time() - start:.0f} s",
+    print(f"{split} accuracy {acc:.4f} at epsilon {epsilon():.2f} (delta {args.delta:g}) in {time.time() - start:.0f} s",
           flush=True)
     return acc
 
