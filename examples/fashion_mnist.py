@@ -5,9 +5,11 @@ Recipes (``--recipe``):
 * ``tb``: Tramèr & Boneh (2021)'s tanh CNN (conv 16 8x8/2, maxpool 2/1, conv 32 4x4/2, maxpool 2/1,
   fc 32, fc 10), SGD with momentum 0.9, expected batch 2048, lr 4, C = 0.1, 40 epochs;
   ``tb20``: the same with 20 epochs (noise calibrated for 20 epochs), half the time.
-* ``best``: the same CNN with GroupNorm, augmentation multiplicity (K random crops/flips per example,
-  averaged *inside* each example's loss, so its clipped gradient is the mean over its K views) and an
-  exponential moving average (EMA) of the parameters for evaluation. See examples/RESULTS.md.
+* ``best``: the attempt at a better recipe: the same CNN with GroupNorm, augmentation multiplicity
+  (K = 2 random crops/flips per example; every layer is called once per view and Veil sums a layer's
+  calls per example, so each example's clipped gradient is the gradient of its mean loss over its
+  views: exact DP, one example = one clipped gradient) and an exponential moving average (EMA) of
+  the parameters for evaluation. On validation it did *worse* than ``tb20`` (examples/RESULTS.md).
 
 Every recipe value can be overridden by its flag. Sampling is Poisson (q = 1/len(loader)); noise
 is calibrated by ``make_private_with_epsilon`` to spend ``--epsilon`` in ``--epochs`` epochs.

@@ -36,6 +36,7 @@ def plot(points: List[Tuple[float, float]], out: Path, title: str) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     finite = [(e, a) for e, a in points if math.isfinite(e)]
     inf = [a for e, a in points if not math.isfinite(e)]
@@ -50,6 +51,9 @@ def plot(points: List[Tuple[float, float]], out: Path, title: str) -> None:
     xs = [e for e, _ in finite]
     ax.set_xticks(xs)
     ax.set_xticklabels([f"{e:g}" for e in xs])
+    ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+    ys = [100 * a for _, a in points]
+    ax.set_ylim(min(ys) - 1.0, max(ys) + 1.0)
     ax.set_xlabel("ε (δ = 1e-5)")
     ax.set_ylabel("test accuracy (%)")
     ax.set_title(title, fontsize=9)
@@ -65,7 +69,7 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Tuple[float, float]]:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--epsilons", default="0.5,1,2,3,8,inf")
     ap.add_argument("--recipe", default="tb")
-    ap.add_argument("--epochs", type=int, default=15, help="epochs per point (the tb recipe itself uses 40)")
+    ap.add_argument("--epochs", type=int, default=20, help="epochs per point (the tb recipe itself uses 40)")
     ap.add_argument("--quick", action="store_true", help="1 epoch on 2,000 examples per point")
     ap.add_argument("--out", type=Path, default=HERE / "privacy_utility.png")
     ap.add_argument("--extra", default="", help="more fashion_mnist.py flags, e.g. '--lr 3 --batch-size 1024'")
