@@ -343,3 +343,43 @@ def test_float32_engine_matches_float64(kind, mode):
         assert torch.allclose(n32, n64, rtol=1e-4, atol=1e-6 * n64.abs().max().item()), name
         c64, c32 = res[torch.float64].clipped[name], res[torch.float32].clipped[name].double()
         assert torch.allclose(c32, c64, rtol=1e-4, atol=1e-5 * c64.abs().max().item()), name
+
+
+@pytest.mark.parametrize("kind", ["lstm", "gru", "rnn_relu"])
+def test_float32_split_batch_threads(kind, monkeypatch):
+    """With two intra-op threads the float32 time loops run on two halves of the batch in two threads;
+    results still match torch (outputs, gradients) and the float64 per-sample engine results."""
+    from tests.reference import engine_chunk
+    from veil.layers import _recurrence
+
+    calls = []
+    orig = _recurrence._by_rows
+    monkeypatch.setattr(_recurrence, "_by_rows", lambda fn, B, fast: calls.append(B) or orig(fn, B, fast))
+    old = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        torch.set_default_dtype(torch.float32)
+        dp, ref = make_pair(kind, input_size=5, hidden_size=6, batch_first=True, bidirectional=True)
+        g = torch.Generator().manual_seed(0)
+        B = 2 * _recurrence.SPLIT_MIN_BATCH + 1
+        x = torch.randn(B, 7, 5, generator=g)
+        lengths = torch.randint(1, 8, (B,), generator=g)
+        for lens in (None, lengths):
+            a = _grads(ref, x, None, lens, True)
+            b = _grads(dp, x, None, lens, True)
+            for xs, ys in zip(a, b):
+                for u, v in zip(xs, ys):
+                    assert torch.allclose(u, v, rtol=1e-4, atol=1e-5), (u - v).abs().max()
+        assert torch.get_num_threads() == 2 and calls and all(n == B for n in calls)
+        torch.set_default_dtype(torch.float64)
+        net = SeqNet(kind, packed=True, input_size=5, hidden_size=6)
+        h0 = torch.randn(B, 1, 6)
+        factors = torch.rand(B, dtype=torch.float64)
+        res = {}
+        for dt in (torch.float64, torch.float32):
+            res[dt] = engine_chunk(copy.deepcopy(net).to(dt), (x.to(dt), lengths, h0.to(dt)),
+                                   lambda y: torch.sin(y[0]).sum() + y[1].pow(2).sum(), "ghost", factors.to(dt))
+        for name, n64 in res[torch.float64].norms_sq.items():
+            assert torch.allclose(res[torch.float32].norms_sq[name].double(), n64, rtol=1e-4), name
+    finally:
+        torch.set_num_threads(old)
