@@ -11,6 +11,7 @@ peak reset before every configuration). Writes a markdown table and a PNG plot.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import subprocess
@@ -128,20 +129,24 @@ def _peak_growth(step: Callable[[], None]) -> int:
     return max(_status_kib("VmHWM") - rest, 1) * 1024
 
 
-def run_family(name: str, quick: bool, repeats: int) -> List[dict]:
+def run_family(name: str, quick: bool, repeats: int, what: str) -> List[dict]:
+    """Times (``what="time"``) or peak-RSS growths (``what="memory"``) of one family's configs."""
     seq, build = families()[name]
     rows = []
     for B, T in configs(seq, quick):
         torch.manual_seed(0)
         plain, inputs = build(B, T)
         dp = plain.dp() if hasattr(plain, "dp") else build(B, T)[0]
-        mem_plain = _peak_growth(_steps(plain, inputs, False))
-        mem_dp = _peak_growth(_steps(dp, inputs, True))
-        t = interleaved_times({"plain": _steps(plain, inputs, False), "dp": _steps(dp, inputs, True)},
-                              repeats=repeats, warmup=2)
-        rows.append({"layer": name, "B": B, "T": T if seq else "-", "plain ms": round(t["plain"] * 1e3, 3),
-                     "DP ms": round(t["dp"] * 1e3, 3), "time ratio": round(t["dp"] / t["plain"], 2),
-                     "memory ratio": round(mem_dp / mem_plain, 2)})
+        row = {"layer": name, "B": B, "T": T if seq else "-"}
+        if what == "memory":
+            row["plain MiB"] = _peak_growth(_steps(plain, inputs, False)) / 2**20
+            row["DP MiB"] = _peak_growth(_steps(dp, inputs, True)) / 2**20
+        else:
+            t = interleaved_times({"plain": _steps(plain, inputs, False), "dp": _steps(dp, inputs, True)},
+                                  repeats=repeats, warmup=2)
+            row.update({"plain ms": round(t["plain"] * 1e3, 3), "DP ms": round(t["dp"] * 1e3, 3),
+                        "time ratio": round(t["dp"] / t["plain"], 2)})
+        rows.append(row)
     return rows
 
 
@@ -177,24 +182,32 @@ def main(argv=None) -> str:
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     ap.add_argument("--family", default=None)
-    ap.add_argument("--child", action="store_true")
+    ap.add_argument("--child", choices=["time", "memory"], default=None)
     args = ap.parse_args(argv)
     if args.child:
-        print(json.dumps(run_family(args.family, args.quick, args.repeats)))
+        print(json.dumps(run_family(args.family, args.quick, args.repeats, args.child)))
         return ""
     rows = []
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072")  # large blocks go back to the OS: RSS tracks use
     for name in families():
         if args.family and args.family not in name:
             continue
-        cmd = [sys.executable, __file__, "--child", "--family", name, "--repeats", str(args.repeats)]
-        res = subprocess.run(cmd + (["--quick"] if args.quick else []), capture_output=True, text=True, env=env)
-        if res.returncode != 0:
-            print(f"{name}: failed\n{res.stderr[-2000:]}", file=sys.stderr)
-            continue
-        fam = json.loads(res.stdout.strip().splitlines()[-1])
-        rows += fam
-        print(markdown_table(fam), file=sys.stderr)
+        fam = {}
+        for what in ("time", "memory"):
+            env = dict(os.environ)
+            if what == "memory":  # large blocks go back to the OS, so RSS tracks live memory (slows timing)
+                env["MALLOC_MMAP_THRESHOLD_"] = "131072"
+            cmd = [sys.executable, __file__, "--child", what, "--family", name, "--repeats", str(args.repeats)]
+            res = subprocess.run(cmd + (["--quick"] if args.quick else []), capture_output=True, text=True, env=env)
+            if res.returncode != 0:
+                print(f"{name} ({what}): failed\n{res.stderr[-2000:]}", file=sys.stderr)
+                break
+            for r in json.loads(res.stdout.strip().splitlines()[-1]):
+                fam.setdefault((r["B"], r["T"]), {}).update(r)
+        else:
+            for r in fam.values():
+                r["memory ratio"] = round(r.pop("DP MiB") / max(r.pop("plain MiB"), 1e-3), 2)
+            rows += fam.values()
+            print(markdown_table(list(fam.values())), file=sys.stderr)
     table = markdown_table(rows)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "per_layer.md"), "w") as f:
