@@ -138,14 +138,21 @@ class DPDataLoader(DataLoader):
             generator=generator if generator is not None else data_loader.generator,
             distributed=distributed,
             secure_mode=secure_mode,
-            num_workers=data_loader.num_workers,
-            pin_memory=data_loader.pin_memory,
-            timeout=data_loader.timeout,
-            worker_init_fn=data_loader.worker_init_fn,
-            multiprocessing_context=data_loader.multiprocessing_context,
-            prefetch_factor=data_loader.prefetch_factor if data_loader.num_workers > 0 else None,
-            persistent_workers=data_loader.persistent_workers,
+            **worker_options(data_loader),
         )
+
+
+def worker_options(data_loader: DataLoader) -> dict:
+    """The loading options (workers, pinning, timeouts) of ``data_loader``, to build a twin with."""
+    return dict(
+        num_workers=data_loader.num_workers,
+        pin_memory=data_loader.pin_memory,
+        timeout=data_loader.timeout,
+        worker_init_fn=data_loader.worker_init_fn,
+        multiprocessing_context=data_loader.multiprocessing_context,
+        prefetch_factor=data_loader.prefetch_factor if data_loader.num_workers > 0 else None,
+        persistent_workers=data_loader.persistent_workers,
+    )
 
 
 def switch_generator(*, data_loader: DataLoader, generator: torch.Generator) -> DataLoader:

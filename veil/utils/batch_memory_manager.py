@@ -11,7 +11,7 @@ from typing import Iterator, List
 
 from torch.utils.data import DataLoader, Sampler
 
-from ..data_loader import DPDataLoader
+from ..data_loader import DPDataLoader, worker_options
 from ..optimizers.optimizer import DPOptimizer
 
 
@@ -48,14 +48,8 @@ def wrap_data_loader(*, data_loader: DataLoader, max_batch_size: int, optimizer:
         data_loader.dataset,
         batch_sampler=BatchSplittingSampler(sampler=sampler, max_batch_size=max_batch_size, optimizer=optimizer),
         collate_fn=data_loader.collate_fn,
-        num_workers=data_loader.num_workers,
-        pin_memory=data_loader.pin_memory,
-        timeout=data_loader.timeout,
-        worker_init_fn=data_loader.worker_init_fn,
-        multiprocessing_context=data_loader.multiprocessing_context,
         generator=data_loader.generator,
-        prefetch_factor=data_loader.prefetch_factor if data_loader.num_workers > 0 else None,
-        persistent_workers=data_loader.persistent_workers,
+        **worker_options(data_loader),
     )
 
 
