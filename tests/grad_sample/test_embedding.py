@@ -134,3 +134,16 @@ def test_auto_uses_scatter_and_instantiate_is_dense(module):
 def test_unsupported_options_raise(module, match):
     with pytest.raises(ValueError, match=match):
         engine_chunk(module, (torch.tensor([[1, 2], [3, 4]]),), lambda y: y.sum(), "auto")
+
+
+def test_in_place_clipped_sum_equals_the_returned_one():
+    torch.manual_seed(0)
+    emb = nn.Embedding(7, 3, padding_idx=0)
+    ids = torch.tensor([[1, 2, 1], [0, 6, 6]])
+    rule = rule_for(emb)
+    call = Call(ctx=rule.capture(emb, (ids,), {}, True), grad=torch.randn(2, 3, 3))
+    lg = rule.layer_grads(emb, [call], ["weight"], "auto")
+    c = torch.tensor([0.5, 2.0])
+    out = torch.ones(7, 3)
+    lg.add_clipped_sum_("weight", c, out)
+    torch.testing.assert_close(out, 1 + lg.clipped_sum({"weight": c})["weight"], rtol=1e-12, atol=0)

@@ -46,6 +46,12 @@ class EmbeddingScatterGrads(LayerGrads):
         table = self.buf.new_zeros(self.num_embeddings, self.buf.shape[1])
         return {"weight": table.index_add_(0, self.ids, self.buf * c[self.sample, None])}
 
+    def add_clipped_sum_(self, name: str, factors: Tensor, out: Tensor) -> None:
+        """Scatter the clipped rows straight into ``out``: no table-sized temporary."""
+        if out.dtype != self.buf.dtype:
+            return super().add_clipped_sum_(name, factors, out)
+        out.index_add_(0, self.ids, self.buf * factors.to(self.buf.dtype)[self.sample, None])
+
     def per_sample(self) -> Dict[str, Tensor]:
         B, V, D = self.batch_size, self.num_embeddings, self.buf.shape[1]
         dense = self.buf.new_zeros(B * V, D).index_add_(0, self.sample * V + self.ids, self.buf)
