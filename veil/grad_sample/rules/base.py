@@ -12,6 +12,7 @@ default builds the per-sample gradients ``G_i`` (``per_sample``); rules that can
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence, Type
 
@@ -48,6 +49,22 @@ class LayerGrads:
     def add_clipped_sum_(self, name: str, factors: Tensor, out: Tensor) -> None:
         """out += Σ_i factors_i · G_i for one parameter; rules may override to skip the temporary."""
         out.add_(self.clipped_sum({name: factors})[name])
+
+
+@contextlib.contextmanager
+def one_thread():
+    """Run small scatter kernels on one intra-op thread. Measured on this 2-core CPU (torch 2.13,
+    another process busy): index_add_ of 4096x128 rows took 85 ms on 2 threads and 0.11 ms on 1;
+    switching the thread count costs about 0.5 ms."""
+    n = torch.get_num_threads()
+    if n == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
 
 
 def sq_norms(t: Tensor) -> Tensor:

@@ -20,7 +20,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 from torch import nn
 
-from .base import Call, InstantiatedGrads, LayerGrads, Rule, norm_dtype, register_rule
+from .base import Call, InstantiatedGrads, LayerGrads, Rule, norm_dtype, one_thread, register_rule
 
 Tensor = torch.Tensor
 AnyEmbedding = nn.Embedding | nn.EmbeddingBag
@@ -32,25 +32,28 @@ class EmbeddingScatterGrads(LayerGrads):
     def __init__(self, sample: Tensor, ids: Tensor, rows: Tensor, batch_size: int, num_embeddings: int):
         """``rows[n]`` is token n's contribution to G_{sample[n]}[ids[n]]; pairs may repeat."""
         V = num_embeddings
-        key, inv = torch.unique(sample * V + ids, return_inverse=True)
-        self.buf = rows.new_zeros(len(key), rows.shape[1]).index_add_(0, inv, rows)
-        self.sample, self.ids = key // V, key % V
+        with one_thread():
+            key, inv = torch.unique(sample * V + ids, return_inverse=True)
+            self.buf = rows.new_zeros(len(key), rows.shape[1]).index_add_(0, inv, rows)
+            self.sample, self.ids = key // V, key % V
+            sq = self.buf.square().sum(1)
+            self.norms_sq = {"weight": sq.new_zeros(batch_size).index_add_(0, self.sample, sq)}
         self.batch_size, self.num_embeddings = batch_size, V
-        sq = self.buf.square().sum(1)
-        self.norms_sq = {"weight": sq.new_zeros(batch_size).index_add_(0, self.sample, sq)}
 
     def clipped_sum(self, factors: Dict[str, Tensor]) -> Dict[str, Tensor]:
         if "weight" not in factors:
             return {}
         c = factors["weight"].to(self.buf.dtype)
         table = self.buf.new_zeros(self.num_embeddings, self.buf.shape[1])
-        return {"weight": table.index_add_(0, self.ids, self.buf * c[self.sample, None])}
+        with one_thread():
+            return {"weight": table.index_add_(0, self.ids, self.buf * c[self.sample, None])}
 
     def add_clipped_sum_(self, name: str, factors: Tensor, out: Tensor) -> None:
         """Scatter the clipped rows straight into ``out``: no table-sized temporary."""
         if out.dtype != self.buf.dtype:
             return super().add_clipped_sum_(name, factors, out)
-        out.index_add_(0, self.ids, self.buf * factors.to(self.buf.dtype)[self.sample, None])
+        with one_thread():
+            out.index_add_(0, self.ids, self.buf * factors.to(self.buf.dtype)[self.sample, None])
 
     def per_sample(self) -> Dict[str, Tensor]:
         B, V, D = self.batch_size, self.num_embeddings, self.buf.shape[1]
