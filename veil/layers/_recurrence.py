@@ -23,8 +23,7 @@ are zero.
 """
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, List, Optional
+from typing import Optional
 
 import torch
 
@@ -39,41 +38,6 @@ def _tanh_(x: Tensor, fast: bool) -> Tensor:
     if fast:
         return x.mul_(2.0).sigmoid_().mul_(2.0).sub_(1.0)
     return x.tanh_()
-
-#: Split the time loops of a large float32 batch across two Python threads (see _by_rows).
-SPLIT_BATCH = True
-SPLIT_MIN_BATCH = 16
-_POOL: Optional[ThreadPoolExecutor] = None
-
-
-def _by_rows(fn: Callable[[slice], object], B: int, fast: bool) -> List[object]:
-    """``fn`` (a time loop over a range of batch rows) on all rows, or on two halves at once.
-
-    The per-step work of a recurrence is many small ops that torch runs on one thread; torch's own
-    RNN kernels use every core. With more than one intra-op thread and the oneDNN path, the two halves
-    of the batch run in two Python threads (torch ops release the GIL), each with half of the intra-op
-    threads; ``torch.set_num_threads`` is process-wide, so it is lowered for the duration and restored.
-    """
-    n = torch.get_num_threads()
-    if not (SPLIT_BATCH and fast and n >= 2 and B >= SPLIT_MIN_BATCH):
-        return [fn(slice(0, B))]
-    global _POOL
-    if _POOL is None:
-        _POOL = ThreadPoolExecutor(max_workers=1, thread_name_prefix="veil-rnn")
-    half = B // 2
-
-    def worker():
-        with torch.no_grad():
-            return fn(slice(half, B))
-
-    torch.set_num_threads(max(1, n // 2))
-    try:
-        future = _POOL.submit(worker)
-        first = fn(slice(0, half))
-        second = future.result()
-    finally:
-        torch.set_num_threads(n)
-    return [first, second]
 
 
 class Scan:
@@ -117,6 +81,7 @@ def scan(mode: str, xg: Tensor, b_hh: Optional[Tensor], W_hh: Tensor, W_hr: Opti
     WT = W_hh.t()
     fast = onednn_applies(xg)  # per-step products on oneDNN (see _gemm.py); else in-place addmm
     kw = {"dtype": xg.dtype, "device": xg.device}
+    ms = masks.unbind(1) if masks is not None else None
     if mode == "LSTM":
         H = G // 4
         gates = torch.add(xg, b_hh) if b_hh is not None else xg.clone()
@@ -131,104 +96,89 @@ def scan(mode: str, xg: Tensor, b_hh: Optional[Tensor], W_hh: Tensor, W_hr: Opti
         out = torch.empty(B, T, W_hr.shape[0] if proj else H, **kw)
         M = torch.empty(B, T, H, **kw) if proj else None
         WrT = W_hr.t() if proj else None
-
-        def rows(r: slice):
-            gt, at, ct, tct, ot = (x[r].unbind(1) for x in (gates, acts, C, TC, out))
-            ai, af, ag, ao = (acts[r, :, k * H:(k + 1) * H].unbind(1) for k in range(4))
-            gg = gates[r, :, 2 * H:3 * H].unbind(1)
-            mt_ = M[r].unbind(1) if proj else None
-            ms = masks[r].unbind(1) if masks is not None else None
-            h, c = h0[r], c0[r]
-            for t in order:
-                g = gt[t]
+        gt, at, ct, tct, ot = gates.unbind(1), acts.unbind(1), C.unbind(1), TC.unbind(1), out.unbind(1)
+        ai, af, ag, ao = (acts[..., k * H:(k + 1) * H].unbind(1) for k in range(4))
+        gg = gates[..., 2 * H:3 * H].unbind(1)
+        mt_ = M.unbind(1) if proj else None
+        h, c = h0, c0
+        for t in order:
+            g = gt[t]
+            if fast:
+                g.add_(linear(h, W_hh))
+            else:
+                g.addmm_(h, WT)
+            torch.sigmoid(g, out=at[t])
+            if fast:
+                ag[t].mul_(2.0).sub_(1.0)
+            else:
+                torch.tanh(gg[t], out=ag[t])
+            cn = ct[t]
+            torch.mul(af[t], c, out=cn)
+            cn.addcmul_(ai[t], ag[t])
+            tc = tct[t]
+            if fast:
+                torch.mul(cn, 2.0, out=tc).sigmoid_().mul_(2.0).sub_(1.0)
+            else:
+                torch.tanh(cn, out=tc)
+            hn = ot[t]
+            if proj:
+                m = mt_[t]
+                torch.mul(ao[t], tc, out=m)
                 if fast:
-                    g.add_(linear(h, W_hh))
+                    hn.copy_(linear(m, W_hr))
                 else:
-                    g.addmm_(h, WT)
-                torch.sigmoid(g, out=at[t])
-                if fast:
-                    ag[t].mul_(2.0).sub_(1.0)
-                else:
-                    torch.tanh(gg[t], out=ag[t])
-                cn = ct[t]
-                torch.mul(af[t], c, out=cn)
-                cn.addcmul_(ai[t], ag[t])
-                tc = tct[t]
-                if fast:
-                    torch.mul(cn, 2.0, out=tc).sigmoid_().mul_(2.0).sub_(1.0)
-                else:
-                    torch.tanh(cn, out=tc)
-                hn = ot[t]
-                if proj:
-                    m = mt_[t]
-                    torch.mul(ao[t], tc, out=m)
-                    if fast:
-                        hn.copy_(linear(m, W_hr))
-                    else:
-                        torch.mm(m, WrT, out=hn)
-                else:
-                    torch.mul(ao[t], tc, out=hn)
-                if ms is not None:
-                    torch.where(ms[t], hn, h, out=hn)
-                    torch.where(ms[t], cn, c, out=cn)
-                h, c = hn, cn
-            return h, c
-
-        parts = _by_rows(rows, B, fast)
-        h = torch.cat([p[0] for p in parts])
-        c = torch.cat([p[1] for p in parts])
+                    torch.mm(m, WrT, out=hn)
+            else:
+                torch.mul(ao[t], tc, out=hn)
+            if ms is not None:
+                torch.where(ms[t], hn, h, out=hn)
+                torch.where(ms[t], cn, c, out=cn)
+            h, c = hn, cn
         s.z = gates.sub_(xg)  # W_hh h_prev + b_hh
         if fast:
             s.z[..., 2 * H:3 * H].sub_(xg[..., 2 * H:3 * H]).mul_(0.5)
         s.extra.update(acts=acts, C=C, TC=TC, M=M)
-        s.cT = c
+        s.cT = c.clone()
     elif mode == "GRU":
         H = G // 3
         Z = torch.empty(B, T, G, **kw)
         RZ = torch.empty(B, T, 2 * H, **kw)
         N = torch.empty(B, T, H, **kw)
         out = torch.empty(B, T, H, **kw)
-        xn = xg[..., 2 * H:]
+        zt, rzt, nt, ot = Z.unbind(1), RZ.unbind(1), N.unbind(1), out.unbind(1)
+        x_rz, x_n = xg[..., :2 * H].unbind(1), xg[..., 2 * H:].unbind(1)
         if fast:  # n-gate terms doubled, so tanh(a) = 2σ(2a) - 1 is one sigmoid
             W_hh = W_hh.clone()
             W_hh[2 * H:].mul_(2.0)
             if b_hh is not None:
                 b_hh = b_hh.clone()
                 b_hh[2 * H:].mul_(2.0)
-            xn = xn * 2.0
-
-        def rows(r: slice):
-            zt, rzt, nt, ot = (x[r].unbind(1) for x in (Z, RZ, N, out))
-            x_rz, x_n = xg[r, :, :2 * H].unbind(1), xn[r].unbind(1)
-            z_rz, z_n = Z[r, :, :2 * H].unbind(1), Z[r, :, 2 * H:].unbind(1)
-            r_, u_ = RZ[r, :, :H].unbind(1), RZ[r, :, H:].unbind(1)
-            ms = masks[r].unbind(1) if masks is not None else None
-            h = h0[r]
-            for t in order:
-                hg = zt[t]
-                if fast:
-                    hg.copy_(linear(h, W_hh, b_hh))
-                elif b_hh is not None:
-                    torch.addmm(b_hh, h, WT, out=hg)
-                else:
-                    torch.mm(h, WT, out=hg)
-                rz = rzt[t]
-                torch.add(x_rz[t], z_rz[t], out=rz)
-                rz.sigmoid_()
-                n = nt[t]
-                torch.addcmul(x_n[t], r_[t], z_n[t], out=n)
-                if fast:
-                    n.sigmoid_().mul_(2.0).sub_(1.0)
-                else:
-                    n.tanh_()
-                hn = ot[t]
-                torch.lerp(n, h, u_[t], out=hn)  # (1 - z) n + z h
-                if ms is not None:
-                    torch.where(ms[t], hn, h, out=hn)
-                h = hn
-            return h
-
-        h = torch.cat(_by_rows(rows, B, fast))
+            x_n = (xg[..., 2 * H:] * 2.0).unbind(1)
+        z_rz, z_n = Z[..., :2 * H].unbind(1), Z[..., 2 * H:].unbind(1)
+        r_, u_ = RZ[..., :H].unbind(1), RZ[..., H:].unbind(1)
+        h = h0
+        for t in order:
+            hg = zt[t]
+            if fast:
+                hg.copy_(linear(h, W_hh, b_hh))
+            elif b_hh is not None:
+                torch.addmm(b_hh, h, WT, out=hg)
+            else:
+                torch.mm(h, WT, out=hg)
+            rz = rzt[t]
+            torch.add(x_rz[t], z_rz[t], out=rz)
+            rz.sigmoid_()
+            n = nt[t]
+            torch.addcmul(x_n[t], r_[t], z_n[t], out=n)
+            if fast:
+                n.sigmoid_().mul_(2.0).sub_(1.0)
+            else:
+                n.tanh_()
+            hn = ot[t]
+            torch.lerp(n, h, u_[t], out=hn)  # (1 - z) n + z h
+            if ms is not None:
+                torch.where(ms[t], hn, h, out=hn)
+            h = hn
         if fast:
             Z[..., 2 * H:].mul_(0.5)
         s.z = Z
@@ -241,36 +191,30 @@ def scan(mode: str, xg: Tensor, b_hh: Optional[Tensor], W_hh: Tensor, W_hr: Opti
         if halve:
             W_hh = W_hh * 2.0
             pre.mul_(2.0)
-
-        def rows(r: slice):
-            pt, ot = pre[r].unbind(1), out[r].unbind(1)
-            ms = masks[r].unbind(1) if masks is not None else None
-            h = h0[r]
-            for t in order:
-                p = pt[t]
-                if fast:
-                    p.add_(linear(h, W_hh))
-                else:
-                    p.addmm_(h, WT)
-                hn = ot[t]
-                if relu:
-                    torch.clamp_min(p, 0, out=hn)
-                elif halve:
-                    torch.sigmoid(p, out=hn).mul_(2.0).sub_(1.0)
-                else:
-                    torch.tanh(p, out=hn)
-                if ms is not None:
-                    torch.where(ms[t], hn, h, out=hn)
-                h = hn
-            return h
-
-        h = torch.cat(_by_rows(rows, B, fast))
+        pt, ot = pre.unbind(1), out.unbind(1)
+        h = h0
+        for t in order:
+            p = pt[t]
+            if fast:
+                p.add_(linear(h, W_hh))
+            else:
+                p.addmm_(h, WT)
+            hn = ot[t]
+            if relu:
+                torch.clamp_min(p, 0, out=hn)
+            elif halve:
+                torch.sigmoid(p, out=hn).mul_(2.0).sub_(1.0)
+            else:
+                torch.tanh(p, out=hn)
+            if ms is not None:
+                torch.where(ms[t], hn, h, out=hn)
+            h = hn
         if halve:
             pre.mul_(0.5)
         s.z = pre - xg
         s.extra.update(pre=pre)
     s.out = out
-    s.hT = h if T else h0.clone()
+    s.hT = h.clone()
     return s
 
 
@@ -352,47 +296,40 @@ def _lstm_bptt(s: Scan, d_out: Tensor, d_hT: Tensor, d_cT: Tensor, need_h0: bool
     times_Wr = _times(s.W_hr, acts) if proj else None
     dG = torch.empty_like(acts)
     dP = torch.empty_like(s.out) if proj else None
+    S3, So = S[..., :3 * H].unflatten(-1, (3, H)).unbind(1), S[..., 3 * H:].unbind(1)
+    dG3, dGo, dGt = dG[..., :3 * H].unflatten(-1, (3, H)).unbind(1), dG[..., 3 * H:].unbind(1), dG.unbind(1)
+    OTt, Ft, dOt = OT.unbind(1), Fg.unbind(1), d_out.unbind(1)
+    dPt = dP.unbind(1) if proj else None
+    mt = m.unbind(1) if m is not None else None
+    nmt = nm.unbind(1) if nm is not None else None
+    dc = d_cT.clone()
     rev = list(s.order)[::-1]
-
-    def rows(r: slice):
-        S3, So = S[r, :, :3 * H].unflatten(-1, (3, H)).unbind(1), S[r, :, 3 * H:].unbind(1)
-        dG3, dGo, dGt = dG[r, :, :3 * H].unflatten(-1, (3, H)).unbind(1), dG[r, :, 3 * H:].unbind(1), dG[r].unbind(1)
-        OTt, Ft, dOt = OT[r].unbind(1), Fg[r].unbind(1), d_out[r].unbind(1)
-        dPt = dP[r].unbind(1) if proj else None
-        mt = m[r].unbind(1) if m is not None else None
-        nmt = nm[r].unbind(1) if nm is not None else None
-        dc = d_cT[r].clone()
-        dh0 = None
-        dh = dOt[rev[0]] + d_hT[r]
-        for k, t in enumerate(rev):
-            if proj:
-                x = dPt[t]
-                if mt is None:
-                    x.copy_(dh)
-                else:
-                    torch.mul(dh, mt[t], out=x)
-                x = times_Wr(x)
+    dh0 = None
+    dh = dOt[rev[0]] + d_hT
+    for k, t in enumerate(rev):
+        if proj:
+            x = dPt[t]
+            if mt is None:
+                x.copy_(dh)
             else:
-                x = dh
-            dc.addcmul_(x, OTt[t])
-            torch.mul(S3[t], dc.unsqueeze(1), out=dG3[t])
-            torch.mul(So[t], x, out=dGo[t])
-            dc.mul_(Ft[t])
-            if k + 1 < len(rev):
-                base = dOt[rev[k + 1]]
-                if nmt is not None:
-                    base = torch.addcmul(base, dh, nmt[t])
-                dh = times_W_add(base, dGt[t])
-            elif need_h0:
-                dh0 = times_W(dGt[t])
-                if nmt is not None:
-                    dh0.addcmul_(dh, nmt[t])
-        return dh0, dc
-
-    parts = _by_rows(rows, B, onednn_applies(acts))
-    dh0 = torch.cat([q[0] for q in parts]) if need_h0 else None
-    dc0 = torch.cat([q[1] for q in parts]) if need_c0 else None
-    return dG, dP, dh0, dc0
+                torch.mul(dh, mt[t], out=x)
+            x = times_Wr(x)
+        else:
+            x = dh
+        dc.addcmul_(x, OTt[t])
+        torch.mul(S3[t], dc.unsqueeze(1), out=dG3[t])
+        torch.mul(So[t], x, out=dGo[t])
+        dc.mul_(Ft[t])
+        if k + 1 < len(rev):
+            base = dOt[rev[k + 1]]
+            if nmt is not None:
+                base = torch.addcmul(base, dh, nmt[t])
+            dh = times_W_add(base, dGt[t])
+        elif need_h0:
+            dh0 = times_W(dGt[t])
+            if nmt is not None:
+                dh0.addcmul_(dh, nmt[t])
+    return dG, dP, dh0, (dc if need_c0 else None)
 
 
 def _gru_bptt(s: Scan, d_out: Tensor, d_hT: Tensor, need_h0: bool):
@@ -413,28 +350,23 @@ def _gru_bptt(s: Scan, d_out: Tensor, d_hT: Tensor, need_h0: bool):
     times_W_add = _times_add(s.W_hh, Z)
     dX = torch.empty_like(Z)
     dZ = torch.empty_like(Z)
+    At, Art, rt, Zdt, dOt = A.unbind(1), Ar.unbind(1), r.unbind(1), Zd.unbind(1), d_out.unbind(1)
+    dXt, dX_zn, dX_n, dX_rz, dX_r = (dX.unbind(1), dX[..., H:].unflatten(-1, (2, H)).unbind(1),
+                                      dX[..., 2 * H:].unbind(1), dX[..., :2 * H].unbind(1), dX[..., :H].unbind(1))
+    dZt, dZ_rz, dZ_n = dZ.unbind(1), dZ[..., :2 * H].unbind(1), dZ[..., 2 * H:].unbind(1)
     rev = list(s.order)[::-1]
-
-    def rows(q: slice):
-        At, Art, rt, Zdt, dOt = A[q].unbind(1), Ar[q].unbind(1), r[q].unbind(1), Zd[q].unbind(1), d_out[q].unbind(1)
-        dX_zn, dX_n = dX[q, :, H:].unflatten(-1, (2, H)).unbind(1), dX[q, :, 2 * H:].unbind(1)
-        dX_rz, dX_r = dX[q, :, :2 * H].unbind(1), dX[q, :, :H].unbind(1)
-        dZt, dZ_rz, dZ_n = dZ[q].unbind(1), dZ[q, :, :2 * H].unbind(1), dZ[q, :, 2 * H:].unbind(1)
-        dh0 = None
-        dh = dOt[rev[0]] + d_hT[q]
-        for k, t in enumerate(rev):
-            torch.mul(At[t], dh.unsqueeze(1), out=dX_zn[t])
-            torch.mul(dX_n[t], Art[t], out=dX_r[t])
-            dZ_rz[t].copy_(dX_rz[t])
-            torch.mul(dX_n[t], rt[t], out=dZ_n[t])
-            if k + 1 < len(rev):
-                dh = times_W_add(torch.addcmul(dOt[rev[k + 1]], dh, Zdt[t]), dZt[t])
-            elif need_h0:
-                dh0 = times_W_add(dh * Zdt[t], dZt[t])
-        return dh0
-
-    parts = _by_rows(rows, B, onednn_applies(Z))
-    return dX, dZ, (torch.cat(parts) if need_h0 else None)
+    dh0 = None
+    dh = dOt[rev[0]] + d_hT
+    for k, t in enumerate(rev):
+        torch.mul(At[t], dh.unsqueeze(1), out=dX_zn[t])
+        torch.mul(dX_n[t], Art[t], out=dX_r[t])
+        dZ_rz[t].copy_(dX_rz[t])
+        torch.mul(dX_n[t], rt[t], out=dZ_n[t])
+        if k + 1 < len(rev):
+            dh = times_W_add(torch.addcmul(dOt[rev[k + 1]], dh, Zdt[t]), dZt[t])
+        elif need_h0:
+            dh0 = times_W_add(dh * Zdt[t], dZt[t])
+    return dX, dZ, dh0
 
 
 def _rnn_bptt(s: Scan, d_out: Tensor, d_hT: Tensor, need_h0: bool):
@@ -448,25 +380,20 @@ def _rnn_bptt(s: Scan, d_out: Tensor, d_hT: Tensor, need_h0: bool):
         D.mul_(m)
     times_W, times_W_add = _times(s.W_hh, D), _times_add(s.W_hh, D)
     dZ = torch.empty_like(D)
+    Dt, dZt, dOt = D.unbind(1), dZ.unbind(1), d_out.unbind(1)
+    nmt = nm.unbind(1) if nm is not None else None
     rev = list(s.order)[::-1]
-
-    def rows(q: slice):
-        Dt, dZt, dOt = D[q].unbind(1), dZ[q].unbind(1), d_out[q].unbind(1)
-        nmt = nm[q].unbind(1) if nm is not None else None
-        dh0 = None
-        dh = dOt[rev[0]] + d_hT[q]
-        for k, t in enumerate(rev):
-            dz = torch.mul(dh, Dt[t], out=dZt[t])
-            if k + 1 < len(rev):
-                base = dOt[rev[k + 1]]
-                if nmt is not None:
-                    base = torch.addcmul(base, dh, nmt[t])
-                dh = times_W_add(base, dz)
-            elif need_h0:
-                dh0 = times_W(dz)
-                if nmt is not None:
-                    dh0.addcmul_(dh, nmt[t])
-        return dh0
-
-    parts = _by_rows(rows, D.shape[0], onednn_applies(D))
-    return dZ, (torch.cat(parts) if need_h0 else None)
+    dh0 = None
+    dh = dOt[rev[0]] + d_hT
+    for k, t in enumerate(rev):
+        dz = torch.mul(dh, Dt[t], out=dZt[t])
+        if k + 1 < len(rev):
+            base = dOt[rev[k + 1]]
+            if nmt is not None:
+                base = torch.addcmul(base, dh, nmt[t])
+            dh = times_W_add(base, dz)
+        elif need_h0:
+            dh0 = times_W(dz)
+            if nmt is not None:
+                dh0.addcmul_(dh, nmt[t])
+    return dZ, dh0
