@@ -352,11 +352,11 @@ class GradSampleModule(nn.Module):
         return tuple(one(g) for g in grad) if isinstance(grad, tuple) else one(grad)
 
     def _store_grad_sample(self, chunk: Chunk) -> None:
-        """Standalone use: expose per-sample gradients as p.grad_sample (Opacus's interface)."""
+        """Standalone use: expose per-sample gradients as p.grad_sample (Opacus's interface: with
+        loss_reduction="mean" each row is the gradient of that sample's own loss, i.e. B times its
+        share of the batch gradient)."""
         for e in chunk.entries:
             gs = e.per_sample()
-            if self.loss_reduction == "mean" and chunk.batch_size:
-                gs = gs / chunk.batch_size
             prev = getattr(e.param, "grad_sample", None)
             e.param.grad_sample = gs if prev is None else torch.cat([prev, gs], 0)
 

@@ -181,9 +181,7 @@ class DPOptimizer(Optimizer):
                 continue
             if isinstance(gs, (list, tuple)):
                 gs = torch.cat(list(gs), 0)
-            B = gs.shape[0]
-            if self.loss_reduction == "mean":
-                gs = gs * B
+            B = gs.shape[0]  # rows are per-sample gradients of each sample's own loss, as Opacus stores them
             entries.append(make_entry(p, f"param{len(entries)}", InstantiatedGrads({"w": gs}), "w"))
             p.grad_sample = None
         if B is not None:
