@@ -308,6 +308,9 @@ class GradSampleModule(nn.Module):
             )
         B = batch_sizes.pop() if batch_sizes else 0
         chunk = Chunk(batch_size=B, errors=errors)
+        # Under a mean loss each output gradient is 1/B of the per-sample one; rules are linear in the
+        # gradient, so the factor B is applied to their results instead of copying every gradient.
+        scale = float(B) if self.loss_reduction == "mean" and B else 1.0
         shared: Dict[int, Tuple[nn.Parameter, List[Tensor]]] = {}
         for module, calls in by_module.items():
             name, rule = self._rules[module]
@@ -320,7 +323,7 @@ class GradSampleModule(nn.Module):
                 lg = rule.layer_grads(module, calls, own_names, self._mode_for_rule(rule))
                 for n in own_names:
                     p = module._parameters[n]
-                    chunk.entries.append(make_entry(p, _join(name, n), lg, n))
+                    chunk.entries.append(make_entry(p, _join(name, n), lg, n, scale))
             if shared_names:
                 per = rule.per_sample(module, calls, shared_names)
                 for n in shared_names:
@@ -328,7 +331,7 @@ class GradSampleModule(nn.Module):
                     shared.setdefault(id(p), (p, []))[1].append(per[n])
         for pid, (p, parts) in shared.items():
             lg = InstantiatedGrads({"w": torch.stack(parts).sum(0)})
-            chunk.entries.append(make_entry(p, self._param_names[pid], lg, "w"))
+            chunk.entries.append(make_entry(p, self._param_names[pid], lg, "w", scale))
         for e in chunk.entries:
             if not bool(torch.isfinite(e.norms_sq).all()):
                 errors.append(e.name)
@@ -343,11 +346,7 @@ class GradSampleModule(nn.Module):
 
     def _normalise_grad(self, seq_first: bool, grad):
         def one(g: Tensor) -> Tensor:
-            if seq_first and g.dim() >= 2:
-                g = g.movedim(1, 0)
-            if self.loss_reduction == "mean":
-                g = g * g.shape[0]
-            return g
+            return g.movedim(1, 0) if seq_first and g.dim() >= 2 else g
 
         return tuple(one(g) for g in grad) if isinstance(grad, tuple) else one(grad)
 
@@ -379,12 +378,22 @@ def _join(prefix: str, name: str) -> str:
     return f"{prefix}.{name}" if prefix else name
 
 
-def make_entry(p: nn.Parameter, qualname: str, lg: LayerGrads, key: str) -> ParamEntry:
+def make_entry(p: nn.Parameter, qualname: str, lg: LayerGrads, key: str, scale: float = 1.0) -> ParamEntry:
+    """The entry of parameter ``key`` of ``lg``, whose per-sample gradients are ``scale`` times the rule's."""
+    if scale == 1.0:
+        return ParamEntry(
+            param=p,
+            name=qualname,
+            norms_sq=lg.norms_sq[key],
+            clipped_sum=lambda c: lg.clipped_sum({key: c})[key],
+            per_sample=lambda: lg.per_sample()[key],
+            add_clipped_sum_=lambda c, out: lg.add_clipped_sum_(key, c, out),
+        )
     return ParamEntry(
         param=p,
         name=qualname,
-        norms_sq=lg.norms_sq[key],
-        clipped_sum=lambda c, lg=lg, key=key: lg.clipped_sum({key: c})[key],
-        per_sample=lambda lg=lg, key=key: lg.per_sample()[key],
-        add_clipped_sum_=lambda c, out, lg=lg, key=key: lg.add_clipped_sum_(key, c, out),
+        norms_sq=lg.norms_sq[key] * (scale * scale),
+        clipped_sum=lambda c: lg.clipped_sum({key: c * scale})[key],
+        per_sample=lambda: lg.per_sample()[key] * scale,
+        add_clipped_sum_=lambda c, out: lg.add_clipped_sum_(key, c * scale, out),
     )
