@@ -4,10 +4,8 @@ from __future__ import annotations
 import gc
 import statistics
 import time
-import tracemalloc
 from typing import Callable, Dict, List
 
-import torch
 
 
 def median_time(fn: Callable[[], None], repeats: int = 20, warmup: int = 3) -> float:

@@ -10,7 +10,6 @@ of the process's peak RSS over its resting RSS during a few steps, each measured
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import subprocess

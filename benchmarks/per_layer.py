@@ -11,7 +11,6 @@ peak reset before every configuration). Writes a markdown table and a PNG plot.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import subprocess

@@ -1,10 +1,8 @@
 """The façade: make_private, make_private_with_epsilon, get_epsilon, checkpoints, empty batches."""
-import copy
 
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from tests.models import MLP

@@ -1,5 +1,4 @@
 """Bad input is refused with an error that says how to fix it, and no weight changes."""
-import copy
 
 import pytest
 import torch

@@ -5,10 +5,10 @@ shaped empty tensors through the user's collate_fn, so the training step runs an
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Iterator, List, Optional, Sequence
+from typing import Any, Callable, Iterator, List, Optional
 
 import torch
-from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 from torch.utils.data._utils.collate import default_collate
 from torch.utils._pytree import tree_map
 
@@ -153,10 +153,3 @@ def worker_options(data_loader: DataLoader) -> dict:
         prefetch_factor=data_loader.prefetch_factor if data_loader.num_workers > 0 else None,
         persistent_workers=data_loader.persistent_workers,
     )
-
-
-def switch_generator(*, data_loader: DataLoader, generator: torch.Generator) -> DataLoader:
-    """The same loader drawing from another generator."""
-    if isinstance(data_loader, DPDataLoader):
-        data_loader.batch_sampler.generator = generator
-    return data_loader

@@ -4,7 +4,7 @@ from __future__ import annotations
 import math
 import os
 import warnings
-from typing import Any, Dict, List, Optional, Tuple, Union
+from typing import Any, Dict, List, Optional, Union
 
 import torch
 from torch import nn
@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader
 
 from .accountants import IAccountant, create_accountant
 from .accountants.utils import get_noise_multiplier
-from .data_loader import DPDataLoader, switch_generator
+from .data_loader import DPDataLoader
 from .grad_sample.grad_sample_module import GradSampleModule
 from .optimizers.clipping import ClippingStrategy
 from .optimizers.optimizer import DPOptimizer

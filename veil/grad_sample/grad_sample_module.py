@@ -28,7 +28,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from . import state
 from .functional import FunctorchRule
-from .rules.base import MODES, Call, InstantiatedGrads, LayerGrads, Rule, norm_dtype, rule_for
+from .rules.base import Call, InstantiatedGrads, LayerGrads, Rule, rule_for
 
 Tensor = torch.Tensor
 

@@ -7,7 +7,7 @@ gradient needs (``noise_std``), and may adapt itself once per step (``on_step``)
 from __future__ import annotations
 
 import math
-from typing import Dict, List, Optional, Sequence, Union
+from typing import Dict, List, Sequence, Union
 
 import torch
 

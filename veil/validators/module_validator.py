@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import Callable, Dict, List, Optional, Tuple, Type
+from typing import Callable, Dict, List, Optional, Type
 
 from torch import nn
 

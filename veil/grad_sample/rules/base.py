@@ -13,16 +13,13 @@ default builds the per-sample gradients ``G_i`` (``per_sample``); rules that can
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Sequence, Type
 
 import torch
 from torch import nn
 
 Tensor = torch.Tensor
-
-MODES = ("auto", "ghost", "instantiate", "functorch")
-
 
 @dataclass
 class Call:
@@ -156,10 +153,6 @@ def register_rule(*module_types: Type[nn.Module]) -> Callable[[Type[Rule]], Type
 def rule_for(module: nn.Module) -> Optional[Rule]:
     """The rule registered for this module's exact type, if any."""
     return _RULES.get(type(module))
-
-
-def registered_types() -> List[Type[nn.Module]]:
-    return list(_RULES)
 
 
 def batch_size_of(calls: List[Call]) -> int:
