@@ -141,3 +141,21 @@ def test_autocast_bf16_accumulates_in_fp32(mode):
         assert low.norms_sq[n].dtype == low.clipped[n].dtype == torch.float32
         torch.testing.assert_close(low.norms_sq[n].double(), exact.norms_sq[n], rtol=5e-2, atol=0)
         torch.testing.assert_close(low.clipped[n].double(), exact.clipped[n], rtol=5e-2, atol=5e-2)
+
+
+@settings(max_examples=40, deadline=None)
+@given(cfg=conv_configs(), B=st.integers(1, 3), form=st.sampled_from(["forward", "backward"]))
+def test_weight_per_sample_forms_match_autograd(cfg, B, form):
+    """Both per-sample weight-gradient forms equal one-sample-at-a-time autograd."""
+    from veil.grad_sample.rules.conv import pad_input, weight_per_sample
+
+    conv, c_in, spatial = cfg
+    conv = conv.double()
+    x = torch.randn(B, c_in, *spatial, dtype=torch.float64)
+    g = torch.randn_like(conv(x))
+    expected = []
+    for i in range(B):
+        (w,) = torch.autograd.grad((conv(x[i : i + 1]) * g[i : i + 1]).sum(), [conv.weight])
+        expected.append(w)
+    got = weight_per_sample(conv, pad_input(conv, x), g, form=form)
+    torch.testing.assert_close(got, torch.stack(expected), rtol=1e-10, atol=1e-12)

@@ -27,6 +27,7 @@ from torch import nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from . import state
+from ..utils.cpu_allocator import retain_freed_memory
 from .functional import FunctorchRule
 from .rules.base import Call, InstantiatedGrads, LayerGrads, Rule, rule_for
 
@@ -121,6 +122,7 @@ class GradSampleModule(nn.Module):
             raise ValueError(f"loss_reduction must be 'mean' or 'sum', got {loss_reduction!r}")
         if mode not in MODE_ALIASES:
             raise ValueError(f"grad_sample_mode must be one of {sorted(MODE_ALIASES)}, got {mode!r}")
+        retain_freed_memory()
         self._module = m
         self.batch_first = batch_first
         self.loss_reduction = loss_reduction
