@@ -64,6 +64,13 @@ def test_fashion_mnist_best_recipe_smoke(fashion_mnist, capsys):
     assert eps <= 3.0 + 0.05
 
 
+def test_fashion_mnist_scatter_recipe_smoke(fashion_mnist, capsys):
+    """ScatterNet features (computed on the fly for the subset, no cache) + GroupNorm + linear."""
+    acc, eps = run(fashion_mnist, ["--smoke", "--recipe", "scatter", "--subset", "1000", "--val"], capsys)
+    assert eps <= 3.0 + 0.05
+    assert acc > 0.3
+
+
 def test_augmentation_multiplicity_is_one_gradient_per_example():
     """With K views, an example's per-sample gradient equals the gradient of its mean loss over its views."""
     fm = load_example("fashion_mnist")
