@@ -1,3 +1,4 @@
+import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 from torch import nn
@@ -36,3 +37,25 @@ def test_linear_matches_brute_force(B, T, d, p, bias, batch_first, calls):
     assert_matches_reference(
         Net(), (x,), lambda y, i: (torch.tanh(y) * w).sum(), B, batch_first=batch_first or T is None
     )
+
+
+@pytest.mark.parametrize("use_onednn", [True, False])
+@pytest.mark.parametrize("shape", [(5, 1, 7, 3), (4, 6, 3, 9), (3, 4, 16, 16)])
+def test_float32_clipped_sum_on_both_gemm_paths(use_onednn, shape, monkeypatch):
+    """The ghost clipped sum (c⊙g)ᵀa in float32, on oneDNN and on torch's addmm, equals the float64
+    sum of per-sample gradients, also for a strided (non-dense) input."""
+    from veil.grad_sample import gemm
+    from veil.grad_sample.rules.linear import LinearGhostGrads
+
+    monkeypatch.setattr(gemm, "USE_ONEDNN", use_onednn)
+    B, T, d, p = shape
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(B, T, 2 * d, generator=gen)[..., ::2]  # strided view
+    g = torch.randn(B, T, p, generator=gen)
+    c = torch.rand(B, generator=gen)
+    expected = torch.einsum("b,btp,btd->pd", c.double(), g.double(), a.double())
+    out = torch.ones(p, d)
+    LinearGhostGrads(a, g, ["weight"]).add_clipped_sum_("weight", c, out)
+    torch.testing.assert_close(out.double(), expected + 1, rtol=1e-5, atol=1e-5)
+    dense = LinearGhostGrads(a.contiguous(), g, ["weight"]).clipped_sum({"weight": c})["weight"]
+    torch.testing.assert_close(dense.double(), expected, rtol=1e-5, atol=1e-5)

@@ -91,8 +91,8 @@ def test_matches_torch(kind, B, T, d, h, layers, bidirectional, batch_first, bia
 @pytest.mark.parametrize("kind,kw", [("lstm", dict(bidirectional=True, num_layers=2)), ("lstm", dict(proj_size=3)),
                                      ("gru", dict(bidirectional=True)), ("rnn_tanh", dict()), ("rnn_relu", dict())])
 def test_float32_kernels_match_torch(kind, kw, onednn, monkeypatch):
-    """In float32 the per-step products may run on oneDNN (veil/layers/_gemm.py); both paths match torch."""
-    from veil.layers import _gemm
+    """In float32 the per-step products may run on oneDNN (veil/grad_sample/gemm.py); both paths match torch."""
+    from veil.grad_sample import gemm as _gemm
 
     monkeypatch.setattr(_gemm, "USE_ONEDNN", onednn)
     torch.set_default_dtype(torch.float32)
@@ -344,3 +344,24 @@ def test_float32_engine_matches_float64(kind, mode):
         c64, c32 = res[torch.float64].clipped[name], res[torch.float32].clipped[name].double()
         assert torch.allclose(c32, c64, rtol=1e-4, atol=1e-5 * c64.abs().max().item()), name
 
+
+
+@pytest.mark.parametrize("use_onednn", [True, False])
+def test_batch_first_linear_float32_matches_linear(use_onednn, monkeypatch):
+    """The leaf's own products (forward on oneDNN, input gradient on oneDNN) equal F.linear's."""
+    from veil.grad_sample import gemm
+    from veil.layers.leaves import BatchFirstLinear
+
+    monkeypatch.setattr(gemm, "USE_ONEDNN", use_onednn)
+    torch.manual_seed(0)
+    leaf = BatchFirstLinear(8, 12)
+    x = torch.randn(3, 5, 8, requires_grad=True)
+    y = leaf(x)
+    w = torch.randn_like(y)
+    (y * w).sum().backward()
+    x2 = x.detach().double().requires_grad_()
+    y2 = torch.nn.functional.linear(x2, leaf.weight.double(), leaf.bias.double())
+    (y2 * w.double()).sum().backward()
+    torch.testing.assert_close(y.double(), y2, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(x.grad.double(), x2.grad, rtol=1e-5, atol=1e-5)
+    assert leaf.weight.grad is not None and leaf.bias.grad is not None

@@ -27,7 +27,7 @@ from typing import Optional
 
 import torch
 
-from ._gemm import linear, onednn_applies
+from ..grad_sample.gemm import linear, onednn_applies
 
 Tensor = torch.Tensor
 
@@ -79,7 +79,7 @@ def scan(mode: str, xg: Tensor, b_hh: Optional[Tensor], W_hh: Tensor, W_hr: Opti
     s = Scan(mode, reverse, T, masks, W_hh, W_hr, h0, c0)
     order = s.order
     WT = W_hh.t()
-    fast = onednn_applies(xg)  # per-step products on oneDNN (see _gemm.py); else in-place addmm
+    fast = onednn_applies(xg)  # per-step products on oneDNN (see veil.grad_sample.gemm); else in-place addmm
     kw = {"dtype": xg.dtype, "device": xg.device}
     ms = masks.unbind(1) if masks is not None else None
     if mode == "LSTM":

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.rnn import PackedSequence
 
-from ._gemm import linear
+from ..grad_sample.gemm import linear
 from ._recurrence import Recurrence, scan
 from .leaves import skip_init_linear
 
@@ -50,8 +50,6 @@ class _Direction(nn.Module):
         self.hh = skip_init_linear(real_hidden, gates * hidden_size, bias, device, dtype)
         if proj_size > 0:
             self.hr = skip_init_linear(hidden_size, proj_size, False, device, dtype)
-        for leaf in self.children():
-            leaf.onednn = True  # torch's RNNs run on oneDNN; so do these leaves' clipped sums (see _gemm.py)
 
 
 class DPRNNBase(nn.Module):

@@ -17,7 +17,7 @@ from ..grad_sample import state
 from ..grad_sample.rules.base import Call, InstantiatedGrads, LayerGrads, Rule, norm_dtype, register_rule
 from ..grad_sample.rules.linear import (LinearGhostGrads, LinearRule, flat3, ghost_is_cheaper, linear_per_sample,
                                         stack_calls)
-from ._gemm import linear
+from ..grad_sample.gemm import linear, onednn_applies
 
 Tensor = torch.Tensor
 
@@ -35,11 +35,17 @@ class BatchFirstLinear(nn.Linear):
     recurrent layer computes it step by step inside its scan), it passes those ``values`` and gets
     them back without a second matmul; autograd and the engine still see ``F.linear(input, W, b)``
     (its backward is the Linear backward). Under a torch.func replay the values are recomputed.
+    Products run on oneDNN where it applies (see :mod:`veil.grad_sample.gemm`).
     """
 
     def forward(self, input: Tensor, values: Optional[Tensor] = None) -> Tensor:
-        if values is None or state.is_replaying():
+        if state.is_replaying():
             return F.linear(input, self.weight, self.bias)
+        if values is None:
+            if not onednn_applies(input) or self.weight.dtype != input.dtype:
+                return F.linear(input, self.weight, self.bias)
+            with torch.no_grad():
+                values = linear(input, self.weight, self.bias)
         return _KnownLinear.apply(values, input, self.weight, self.bias)
 
 
@@ -56,7 +62,7 @@ class _KnownLinear(torch.autograd.Function):
     def backward(ctx, g):
         input, weight = ctx.saved_tensors
         _, need_in, need_w, need_b = ctx.needs_input_grad
-        d_in = g @ weight if need_in else None
+        d_in = linear(g, weight.t().contiguous()) if need_in else None  # g @ W (on oneDNN where it applies)
         d_w = d_b = None
         if need_w or (need_b and ctx.has_bias):
             g2, a2 = _rows(g, input)
@@ -76,18 +82,14 @@ def _rows(g: Tensor, a: Tensor) -> Tuple[Tensor, Tensor]:
 
 @register_rule(BatchFirstLinear)
 class BatchFirstLinearRule(LinearRule):
-    """The Linear rule for inputs whose batch is always dimension 0.
-
-    For leaves flagged ``onednn = True`` (the recurrent layers' weights, whose torch twins run on
-    oneDNN) the ghost clipped sum ``(c ⊙ g)ᵀ a`` also runs on oneDNN when it applies (see _gemm.py).
-    """
+    """The Linear rule for inputs whose batch is always dimension 0."""
 
     sequence_input = False
 
     def layer_grads(self, module: nn.Module, calls: List[Call], names: List[str], mode: str) -> LayerGrads:
         a, g = stack_calls(calls, module.in_features, module.out_features)
         if use_ghost(mode, a, g):
-            return (_OneDNNGhostGrads if getattr(module, "onednn", False) else LinearGhostGrads)(a, g, names)
+            return LinearGhostGrads(a, g, names)
         return InstantiatedGrads(linear_per_sample(a, g, names))
 
 
@@ -97,33 +99,6 @@ def use_ghost(mode: str, a: Tensor, g: Tensor) -> bool:
     if mode != "auto":
         return mode == "ghost"
     return ghost_is_cheaper(a.shape[1], a.shape[2], g.shape[2])
-
-
-class _OneDNNGhostGrads(LinearGhostGrads):
-    """LinearGhostGrads whose weight clipped sum is one oneDNN product (F.linear where that does not apply)."""
-
-    def _weight_sum(self, c: Tensor) -> Tensor:
-        B, T, p = self.g.shape
-        if B * T == 0:
-            return self.g.new_zeros(p, self.a.shape[-1])
-        N, d = B * T, self.a.shape[-1]
-        c = c.to(self.g.dtype).view(B, 1, 1)
-        # (c ⊙ g)ᵀ a = gᵀ (c ⊙ a): scale the smaller factor
-        if d <= p:
-            return linear(self.g.reshape(N, p).t(), (self.a * c).reshape(N, d).t())
-        return linear((self.g * c).reshape(N, p).t(), self.a.reshape(N, d).t())
-
-    def clipped_sum(self, factors: Dict[str, Tensor]) -> Dict[str, Tensor]:
-        out = super().clipped_sum({k: v for k, v in factors.items() if k != "weight"})
-        if "weight" in factors:
-            out["weight"] = self._weight_sum(factors["weight"])
-        return out
-
-    def add_clipped_sum_(self, name: str, factors: Tensor, out: Tensor) -> None:
-        if name == "weight" and out.dtype == self.g.dtype:
-            out.add_(self._weight_sum(factors))
-        else:
-            super().add_clipped_sum_(name, factors, out)
 
 
 class KVBias(nn.Module):

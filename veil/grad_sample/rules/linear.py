@@ -8,6 +8,7 @@ from typing import Dict, List
 import torch
 from torch import nn
 
+from ..gemm import add_tn_
 from .base import Call, InstantiatedGrads, LayerGrads, Rule, norm_dtype, register_rule, sq_norms
 
 Tensor = torch.Tensor
@@ -55,13 +56,21 @@ class LinearGhostGrads(LayerGrads):
             self.gsum = g.sum(1)
             self.norms_sq["bias"] = sq_norms(self.gsum)
 
+    def _weight_sum_(self, c: Tensor, out: Tensor) -> None:
+        """out += (c ⊙ g)ᵀ a = gᵀ (c ⊙ a): the smaller of the two factors is scaled."""
+        B, T, p = self.g.shape
+        d = self.a.shape[-1]
+        c = c.to(self.g.dtype).view(B, 1, 1)
+        if d <= p:
+            add_tn_(out, self.g.reshape(B * T, p), (self.a * c).reshape(B * T, d))
+        else:
+            add_tn_(out, (self.g * c).reshape(B * T, p), self.a.reshape(B * T, d))
+
     def clipped_sum(self, factors: Dict[str, Tensor]) -> Dict[str, Tensor]:
         out = {}
-        B, T, p = self.g.shape
         if "weight" in factors:
-            c = factors["weight"]
-            gc = (self.g * c.view(B, 1, 1)).reshape(B * T, p)
-            out["weight"] = gc.t() @ self.a.reshape(B * T, self.a.shape[-1])
+            out["weight"] = self.g.new_zeros(self.g.shape[-1], self.a.shape[-1])
+            self._weight_sum_(factors["weight"], out["weight"])
         if "bias" in factors:
             out["bias"] = factors["bias"] @ self.gsum
         return out
@@ -72,9 +81,7 @@ class LinearGhostGrads(LayerGrads):
     def add_clipped_sum_(self, name: str, factors: Tensor, out: Tensor) -> None:
         if name != "weight" or out.dtype != self.g.dtype:
             return super().add_clipped_sum_(name, factors, out)
-        B, T, p = self.g.shape
-        gc = (self.g * factors.view(B, 1, 1)).reshape(B * T, p)
-        out.addmm_(gc.t(), self.a.reshape(B * T, self.a.shape[-1]))
+        self._weight_sum_(factors, out)
 
 
 def linear_per_sample(a: Tensor, g: Tensor, names: List[str]) -> Dict[str, Tensor]:
