@@ -277,7 +277,7 @@ class GradSampleModule(nn.Module):
     def _backward_end(self) -> None:
         pending, self._pending, self._scheduled = self._pending, [], False
         # backward() may run inside an autocast region; norms and clipped sums must not be downcast
-        with torch.no_grad(), torch.autocast("cpu", enabled=False), _no_cuda_autocast():
+        with torch.no_grad(), torch.autocast("cpu", enabled=False), _no_cuda_autocast(), state.shared_products():
             chunk = self._make_chunk(pending)
             if self.consumer is not None:
                 self.consumer(chunk)

@@ -20,3 +20,27 @@ def replaying():
         yield
     finally:
         _local.replaying = prev
+
+
+@contextlib.contextmanager
+def shared_products():
+    """While the engine turns one backward pass into norms, products of the same tensor (e.g. the
+    Gram matrix of an output gradient that two layers share, as a recurrent layer's input and
+    hidden projections do) are computed once."""
+    prev = getattr(_local, "products", None)
+    _local.products = {}
+    try:
+        yield
+    finally:
+        _local.products = prev
+
+
+def shared_product(name: str, t, compute):
+    """``compute(t)``, reused for the same tensor contents within :func:`shared_products`."""
+    cache = getattr(_local, "products", None)
+    if cache is None:
+        return compute(t)
+    key = (name, t.data_ptr(), tuple(t.shape), t.stride(), t.dtype, t._version)
+    if key not in cache:  # the entry keeps t alive, so no other tensor can reuse its memory meanwhile
+        cache[key] = (t, compute(t))
+    return cache[key][1]

@@ -8,6 +8,7 @@ from typing import Dict, List
 import torch
 from torch import nn
 
+from .. import state
 from ..gemm import add_tn_
 from .base import Call, InstantiatedGrads, LayerGrads, Rule, norm_dtype, register_rule, sq_norms
 
@@ -35,12 +36,17 @@ def ghost_is_cheaper(T: int, d: int, p: int) -> bool:
     return T * (p + d) <= p * d
 
 
+def gram(t: Tensor) -> Tensor:
+    """[B, T, k] -> [B, T, T]: the per-sample Gram matrices t_i t_iᵀ."""
+    return torch.bmm(t, t.transpose(1, 2))
+
+
 def linear_ghost_norm_sq(a: Tensor, g: Tensor) -> Tensor:
     """‖g_iᵀ a_i‖_F² for every sample, without forming g_iᵀ a_i."""
     if a.shape[1] == 1:
         return sq_norms(a[:, 0]) * sq_norms(g[:, 0])
-    aa = torch.bmm(a, a.transpose(1, 2))
-    gg = torch.bmm(g, g.transpose(1, 2))
+    aa = state.shared_product("gram", a, gram)
+    gg = state.shared_product("gram", g, gram)
     return (aa * gg).sum((1, 2))
 
 
