@@ -16,17 +16,14 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import math
-import time
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from _common import Private, accuracy, add_common_args, fit, report
+from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
-from tqdm import tqdm
-
-from veil import PrivacyEngine
 
 COLUMNS = ["age", "workclass", "fnlwgt", "education", "education-num", "marital-status", "occupation",
            "relationship", "race", "sex", "capital-gain", "capital-loss", "hours-per-week", "native-country"]
@@ -78,26 +75,13 @@ def build_model(kind: str, d: int, hidden: int) -> nn.Module:
     return nn.Sequential(nn.Linear(d, hidden), nn.Tanh(), nn.Linear(hidden, 2))
 
 
-@torch.no_grad()
-def accuracy(model: nn.Module, ds: TensorDataset) -> float:
-    x, y = ds.tensors
-    return (model(x).argmax(1) == y).float().mean().item()
-
-
 def main(argv: Optional[Sequence[str]] = None) -> float:
     """Trains and returns the final test accuracy."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--epsilon", type=float, default=3.0, help="target ε; inf: non-private training")
-    ap.add_argument("--delta", type=float, default=1e-5)
+    add_common_args(ap, epochs=20, batch_size=512, lr=0.5)  # here --epsilon inf is non-private training
     ap.add_argument("--model", choices=["logreg", "mlp"], default="mlp")
     ap.add_argument("--hidden", type=int, default=32)
-    ap.add_argument("--epochs", type=int, default=20)
-    ap.add_argument("--batch-size", type=int, default=512, help="expected (Poisson) batch size")
-    ap.add_argument("--lr", type=float, default=0.5)
     ap.add_argument("--momentum", type=float, default=0.9)
-    ap.add_argument("--max-grad-norm", "-C", type=float, default=1.0)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--subset", type=int, default=0, help="train on N random training rows")
     ap.add_argument("--smoke", action="store_true", help="CI: 1 epoch on 2,000 rows")
     args = ap.parse_args(argv)
     if args.smoke:
@@ -116,13 +100,10 @@ def main(argv: Optional[Sequence[str]] = None) -> float:
 
     model = build_model(args.model, train.tensors[0].shape[1], args.hidden)
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum)
-    private = math.isfinite(args.epsilon)
-    engine = PrivacyEngine()
-    if private:
+    dp = Private(args)
+    if dp.private:
         loader = DataLoader(train, batch_size=args.batch_size)
-        model, optimizer, loader = engine.make_private_with_epsilon(
-            module=model, optimizer=optimizer, data_loader=loader, target_epsilon=args.epsilon,
-            target_delta=args.delta, epochs=args.epochs, max_grad_norm=args.max_grad_norm)
+        model, optimizer, loader = dp.wrap(model, optimizer, loader, args)
         noise = f"noise multiplier {optimizer.noise_multiplier:.3f}"
     else:
         loader = DataLoader(train, batch_size=args.batch_size, shuffle=True)
@@ -130,21 +111,10 @@ def main(argv: Optional[Sequence[str]] = None) -> float:
     print(f"Adult ({args.model}): {len(train)} train / {len(test)} test rows, {train.tensors[0].shape[1]} "
           f"features, {noise}, {args.epochs} epochs", flush=True)
 
-    def epsilon() -> float:
-        return engine.get_epsilon(args.delta) if private else math.inf
-
-    start = time.time()
-    bar = tqdm(range(args.epochs), desc="training", unit="epoch", mininterval=2.0)
-    for _ in bar:
-        for x, y in loader:
-            optimizer.zero_grad()
-            F.cross_entropy(model(x), y).backward()
-            optimizer.step()
-        bar.set_postfix(eps=f"{epsilon():.2f}", refresh=False)
-    bar.close()
-    acc = accuracy(model, test)
-    print(f"test accuracy {acc:.4f} at epsilon {epsilon():.2f} (delta {args.delta:g}) in {time.time() - start:.0f} s",
-          flush=True)
+    start = fit(model, optimizer, loader, args.epochs, lambda m, b: F.cross_entropy(m(b[0]), b[1]), dp.epsilon,
+                desc="training")
+    acc = accuracy(model, test.tensors[:1], test.tensors[1])
+    report("test", acc, dp.epsilon(), args.delta, start)
     return acc
 
 

@@ -18,19 +18,16 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import math
 import random
 import string
-import time
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
+from _common import Private, accuracy, add_common_args, fit, report
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
-from tqdm import tqdm
 
-from veil import PrivacyEngine
 from veil.layers import DPLSTM
 
 # language -> faker locales whose person provider's last_names are pooled
@@ -122,30 +119,14 @@ class CharLSTM(nn.Module):
         return self.head(h)
 
 
-@torch.no_grad()
-def accuracy(model: nn.Module, ds: TensorDataset) -> float:
-    model.eval()
-    ids, lengths, y = ds.tensors
-    acc = (model(ids, lengths).argmax(1) == y).float().mean().item()
-    model.train()
-    return acc
-
-
 def main(argv: Optional[Sequence[str]] = None) -> float:
     """Trains and returns the final test accuracy."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--epsilon", type=float, default=3.0, help="target ε; inf: same recipe without noise")
-    ap.add_argument("--delta", type=float, default=1e-5)
-    ap.add_argument("--epochs", type=int, default=20)
-    ap.add_argument("--batch-size", type=int, default=512, help="expected (Poisson) batch size")
-    ap.add_argument("--lr", type=float, default=0.01)
-    ap.add_argument("--max-grad-norm", "-C", type=float, default=1.0)
+    add_common_args(ap, epochs=20, batch_size=512, lr=0.01)
     ap.add_argument("--hidden", type=int, default=128)
     ap.add_argument("--embed", type=int, default=32)
     ap.add_argument("--cap", type=int, default=400, help="at most this many names per language")
     ap.add_argument("--max-len", type=int, default=16, help="names are truncated to this many characters")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--subset", type=int, default=0, help="train on N random training names")
     ap.add_argument("--smoke", action="store_true", help="CI: 1 epoch on 1,000 names")
     args = ap.parse_args(argv)
     if args.smoke:
@@ -162,35 +143,15 @@ def main(argv: Optional[Sequence[str]] = None) -> float:
     model = CharLSTM(len(langs), args.embed, args.hidden)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
     loader = DataLoader(train, batch_size=args.batch_size)
-    engine = PrivacyEngine()
-    private = math.isfinite(args.epsilon)
-    if private:
-        model, optimizer, loader = engine.make_private_with_epsilon(
-            module=model, optimizer=optimizer, data_loader=loader, target_epsilon=args.epsilon,
-            target_delta=args.delta, epochs=args.epochs, max_grad_norm=args.max_grad_norm)
-    else:
-        model, optimizer, loader = engine.make_private(
-            module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=0.0,
-            max_grad_norm=args.max_grad_norm)
+    dp = Private(args)
+    model, optimizer, loader = dp.wrap(model, optimizer, loader, args)
     print(f"names: {len(train)} train / {len(test)} test, {len(langs)} languages, sample rate "
           f"{loader.sample_rate:.4f}, noise multiplier {optimizer.noise_multiplier:.3f}, {args.epochs} epochs",
           flush=True)
 
-    def epsilon() -> float:
-        return engine.get_epsilon(args.delta) if private else math.inf
-
-    start = time.time()
-    bar = tqdm(range(args.epochs), desc="DP training", unit="epoch", mininterval=2.0)
-    for _ in bar:
-        for ids, lengths, y in loader:
-            optimizer.zero_grad()
-            F.cross_entropy(model(ids, lengths), y).backward()
-            optimizer.step()
-        bar.set_postfix(eps=f"{epsilon():.2f}", refresh=False)
-    bar.close()
-    acc = accuracy(model, test)
-    print(f"test accuracy {acc:.4f} at epsilon {epsilon():.2f} (delta {args.delta:g}) in {time.time() - start:.0f} s",
-          flush=True)
+    start = fit(model, optimizer, loader, args.epochs, lambda m, b: F.cross_entropy(m(b[0], b[1]), b[2]), dp.epsilon)
+    acc = accuracy(model, test.tensors[:2], test.tensors[2])
+    report("test", acc, dp.epsilon(), args.delta, start)
     return acc
 
 

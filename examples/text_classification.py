@@ -18,23 +18,18 @@ import argparse
 import bz2
 import csv
 import importlib.util
-import io
-import math
-import os
 import random
 import re
-import time
 import zlib
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
+from _common import Private, accuracy, add_common_args, fit, report
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
-from tqdm import tqdm
 
-from veil import PrivacyEngine
 from veil.layers import DPMultiheadAttention
 
 TOKEN = re.compile(r"[a-z0-9']+|[^\sa-z0-9']")
@@ -91,30 +86,14 @@ class AttentionClassifier(nn.Module):
         return self.head((h * keep).sum(1) / keep.sum(1))
 
 
-@torch.no_grad()
-def accuracy(model: nn.Module, ds: TensorDataset) -> float:
-    model.eval()
-    ids, y = ds.tensors
-    acc = (model(ids).argmax(1) == y).float().mean().item()
-    model.train()
-    return acc
-
-
 def main(argv: Optional[Sequence[str]] = None) -> float:
     """Trains and returns the final test (or validation) accuracy."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--epsilon", type=float, default=3.0, help="target ε; inf: same recipe without noise")
-    ap.add_argument("--delta", type=float, default=1e-5)
-    ap.add_argument("--epochs", type=int, default=30)
-    ap.add_argument("--batch-size", type=int, default=512, help="expected (Poisson) batch size")
-    ap.add_argument("--lr", type=float, default=0.005)
-    ap.add_argument("--max-grad-norm", "-C", type=float, default=1.0)
+    add_common_args(ap, epochs=30, batch_size=512, lr=0.005)
     ap.add_argument("--dim", type=int, default=64)
     ap.add_argument("--heads", type=int, default=4)
     ap.add_argument("--buckets", type=int, default=1 << 14, help="hash buckets for tokens")
     ap.add_argument("--max-len", type=int, default=48)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--subset", type=int, default=0, help="train on N random training snippets")
     ap.add_argument("--val", action="store_true", help="hold out 20%% of the training snippets; report validation accuracy")
     ap.add_argument("--smoke", action="store_true", help="CI: 1 epoch on 500 snippets")
     args = ap.parse_args(argv)
@@ -141,34 +120,14 @@ def main(argv: Optional[Sequence[str]] = None) -> float:
     model = AttentionClassifier(args.buckets, args.max_len, args.dim, args.heads)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
     loader = DataLoader(train, batch_size=args.batch_size)
-    engine = PrivacyEngine()
-    private = math.isfinite(args.epsilon)
-    if private:
-        model, optimizer, loader = engine.make_private_with_epsilon(
-            module=model, optimizer=optimizer, data_loader=loader, target_epsilon=args.epsilon,
-            target_delta=args.delta, epochs=args.epochs, max_grad_norm=args.max_grad_norm)
-    else:
-        model, optimizer, loader = engine.make_private(
-            module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=0.0,
-            max_grad_norm=args.max_grad_norm)
+    dp = Private(args)
+    model, optimizer, loader = dp.wrap(model, optimizer, loader, args)
     print(f"Rotten Tomatoes: {len(train)} train / {len(test)} {split} snippets, sample rate {loader.sample_rate:.4f}, "
           f"noise multiplier {optimizer.noise_multiplier:.3f}, {args.epochs} epochs", flush=True)
 
-    def epsilon() -> float:
-        return engine.get_epsilon(args.delta) if private else math.inf
-
-    start = time.time()
-    bar = tqdm(range(args.epochs), desc="DP training", unit="epoch", mininterval=2.0)
-    for _ in bar:
-        for ids, y in loader:
-            optimizer.zero_grad()
-            F.cross_entropy(model(ids), y).backward()
-            optimizer.step()
-        bar.set_postfix(eps=f"{epsilon():.2f}", refresh=False)
-    bar.close()
-    acc = accuracy(model, test)
-    print(f"{split} accuracy {acc:.4f} at epsilon {epsilon():.2f} (delta {args.delta:g}) in {time.time() - start:.0f} s",
-          flush=True)
+    start = fit(model, optimizer, loader, args.epochs, lambda m, b: F.cross_entropy(m(b[0]), b[1]), dp.epsilon)
+    acc = accuracy(model, test.tensors[:1], test.tensors[1])
+    report(split, acc, dp.epsilon(), args.delta, start)
     return acc
 
 
