@@ -188,3 +188,20 @@ def test_calling_the_unwrapped_model_still_trains_privately():
         opt.step()
         total = torch.cat([p.grad.flatten() for p in model.parameters()]).norm()
         assert total <= 1e-3 + 1e-9  # clipped: the mean of 4 gradients of norm ≤ C
+
+
+def test_optimizer_without_per_sample_gradients_is_refused():
+    """A DPOptimizer over an unwrapped model would otherwise discard the plain gradients and step on
+    noise alone; it refuses, names the fix and changes no weight."""
+    model = MLP()
+    opt = DPOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), noise_multiplier=1.0, max_grad_norm=1.0,
+                      expected_batch_size=8)
+    snap = snapshot(model)
+    F.cross_entropy(model(torch.randn(8, 8)), torch.randint(0, 3, (8,))).backward()
+    with pytest.raises(PrivacyLeakError, match="GradSampleModule"):
+        opt.step()
+    assert unchanged(model, snap)
+    assert all(p.grad is None for p in model.parameters())
+    opt.zero_grad()
+    opt.step()  # no backward at all (e.g. an empty Poisson batch): a noise-only step is legitimate
+    assert not unchanged(model, snap)

@@ -187,6 +187,14 @@ class DPOptimizer(Optimizer):
         if B is not None:
             self._accumulate(Chunk(batch_size=B, entries=entries,
                                    errors=[e.name for e in entries if not bool(torch.isfinite(e.norms_sq).all())]))
+        elif self._chunks == 0 and any(p.grad is not None for p in self.params):
+            for p in self.params:
+                p.grad = None
+            raise PrivacyLeakError(
+                "The optimizer's parameters have ordinary gradients but no per-sample gradients, so they "
+                "cannot be clipped per sample; no step was taken. Wrap the model with GradSampleModule (or use "
+                "PrivacyEngine.make_private) before the forward pass, or set p.grad_sample yourself."
+            )
 
     # ----------------------------------------------------------------- step
     def _check(self) -> None:
