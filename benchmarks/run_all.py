@@ -33,7 +33,9 @@ def main(argv=None) -> None:
     reps = ["--repeats", "5" if args.quick else "20"]
     sections = [
         ("End to end (DP step / plain step)", run("end_to_end.py", *reps)),
+        ("End to end, transformer block at T=16", run("end_to_end.py", *reps, "--only", "Transformer", "--seq-len", "16", "--no-memory")),
         ("End to end, transformer block at T=128", run("end_to_end.py", *reps, "--only", "Transformer", "--seq-len", "128", "--no-memory")),
+        ("End to end, transformer block at T=256", run("end_to_end.py", "--repeats", "10", "--only", "Transformer", "--seq-len", "256", "--no-memory")),
         ("End to end, transformer block at T=512", run("end_to_end.py", "--repeats", "5", "--only", "Transformer", "--seq-len", "512", "--no-memory")),
         ("Per layer", run("per_layer.py", *quick)),
         ("BatchMemoryManager (physical 64, logical 1024)", run("batch_memory.py", "--repeats", "3" if args.quick else "10")),
