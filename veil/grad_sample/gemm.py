@@ -45,7 +45,8 @@ def add_tn_(out: Tensor, g: Tensor, a: Tensor) -> None:
         return
     # oneDNN reads the transposed row matrices well only when they are dense (a strided slice such as
     # out[:, -1] of a sequence took 3 ms for an 18x64 by 64x128 product)
-    if onednn_applies(g) and out.dtype == g.dtype == a.dtype and g.is_contiguous() and a.is_contiguous():
+    big = g.shape[0] * out.numel() >= 1 << 16  # oneDNN's call overhead (~25 us) outweighs tiny products
+    if big and onednn_applies(g) and out.dtype == g.dtype == a.dtype and g.is_contiguous() and a.is_contiguous():
         out.add_(_LINEAR(g.t(), a.t(), None, "none", [], ""))
     else:
         out.addmm_(g.t(), a)

@@ -251,7 +251,9 @@ class GradSampleModule(nn.Module):
         call = Call(ctx=ctx)
         call.seq_first = seq_first
         call.names = names
-        call.versions = [(t, t._version) for t in _tensors_in(ctx)]
+        call.versions = [(ctx, ctx._version)] if isinstance(ctx, Tensor) else [(t, t._version) for t in _tensors_in(ctx)]
+        if isinstance(output, Tensor) and output.is_floating_point():  # the common case, without pytree
+            return _Attach.apply(self, module, call, len(params), *params, output)[0]
         flat, spec = tree_flatten(output)
         idx = [i for i, t in enumerate(flat) if isinstance(t, Tensor) and t.is_floating_point()]
         outs = _Attach.apply(self, module, call, len(params), *params, *[flat[i] for i in idx])
@@ -334,9 +336,8 @@ class GradSampleModule(nn.Module):
         for pid, (p, parts) in shared.items():
             lg = InstantiatedGrads({"w": torch.stack(parts).sum(0)})
             chunk.entries.append(make_entry(p, self._param_names[pid], lg, "w", scale))
-        for e in chunk.entries:
-            if not bool(torch.isfinite(e.norms_sq).all()):
-                errors.append(e.name)
+        if chunk.entries and not bool(torch.isfinite(torch.stack([e.norms_sq.sum(dtype=torch.float64) for e in chunk.entries])).all()):
+            errors.extend(e.name for e in chunk.entries if not bool(torch.isfinite(e.norms_sq).all()))
         for _, call in pending:  # a retained graph must not keep activations alive, nor be replayed
             call.ctx, call.grad, call.versions, call.done = None, None, None, True
         return chunk
