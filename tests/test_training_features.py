@@ -238,3 +238,25 @@ def test_bf16_autocast_matches_fp32_within_bf16_tolerance():
         updates.append([p.grad.clone() for p in model.parameters()])
     for g32, g16 in zip(*updates):
         assert torch.allclose(g16, g32, rtol=0.05, atol=0.02 * g32.abs().max().item())
+
+
+def test_batch_memory_manager_with_prefetching_workers():
+    """Worker processes draw batch indices ahead of the training loop; step boundaries must still
+    follow the batches the loop receives (one real step per logical batch, same result)."""
+    torch.manual_seed(0)
+    base = MLP()
+    results = []
+    for workers in (0, 2):
+        model = GradSampleModule(copy.deepcopy(base))
+        loader = DPDataLoader(dataset(), sample_rate=0.4, generator=torch.Generator().manual_seed(7),
+                              num_workers=workers)
+        opt = DPOptimizer(torch.optim.SGD(model.parameters(), lr=0.5), noise_multiplier=0.0, max_grad_norm=0.3,
+                          expected_batch_size=26)
+        steps = []
+        opt.attach_step_hook(lambda o: steps.append(1))
+        train(model, loader, opt, physical=5)
+        results.append((model, len(steps)))
+    (a, na), (b, nb) = results
+    assert na == nb == len(loader)
+    for p, q in zip(a.parameters(), b.parameters()):
+        assert torch.allclose(p, q, atol=1e-6)

@@ -1,13 +1,16 @@
 """BatchMemoryManager: train on large logical (Poisson) batches with small physical ones.
 
 Each logical batch drawn by the sampler is split into physical chunks of at most
-``max_physical_batch_size`` examples. Before every chunk but the last, the optimizer is told to
-skip its next step, so ``optimizer.step()`` only clips and accumulates; the weights change, noise is
-drawn and the accountant is told once per logical batch, exactly as with one big batch.
+``max_physical_batch_size`` examples. When the training loop receives any chunk but the last, the
+optimizer is told to skip its next step, so ``optimizer.step()`` only clips and accumulates; the
+weights change, noise is drawn and the accountant is told once per logical batch, exactly as with
+one big batch. The sampler records, in order, which chunks end a logical batch, and the loop side
+reads those marks as the batches arrive: worker processes may draw indices well ahead of the loop.
 """
 from __future__ import annotations
 
-from typing import Iterator, List
+from collections import deque
+from typing import Deque, Iterator, List
 
 from torch.utils.data import DataLoader, Sampler
 
@@ -16,18 +19,19 @@ from ..optimizers.optimizer import DPOptimizer
 
 
 class BatchSplittingSampler(Sampler[List[int]]):
-    """Splits every batch of ``sampler`` into chunks and signals the optimizer which are final."""
+    """Splits every batch of ``sampler`` into chunks; ``ends`` gets, per chunk yielded and in order,
+    whether it is the last of its logical batch."""
 
-    def __init__(self, *, sampler: Sampler[List[int]], max_batch_size: int, optimizer: DPOptimizer):
+    def __init__(self, *, sampler: Sampler[List[int]], max_batch_size: int):
         self.sampler = sampler
         self.max_batch_size = max_batch_size
-        self.optimizer = optimizer
+        self.ends: Deque[bool] = deque()
 
     def __iter__(self) -> Iterator[List[int]]:
         for batch in self.sampler:
             chunks = [batch[i : i + self.max_batch_size] for i in range(0, len(batch), self.max_batch_size)] or [[]]
             for k, chunk in enumerate(chunks):
-                self.optimizer.signal_skip_step(do_skip=k < len(chunks) - 1)
+                self.ends.append(k == len(chunks) - 1)
                 yield chunk
 
     def __len__(self) -> int:
@@ -39,14 +43,30 @@ class BatchSplittingSampler(Sampler[List[int]]):
         return len(self.sampler) * expected
 
 
-def wrap_data_loader(*, data_loader: DataLoader, max_batch_size: int, optimizer: DPOptimizer) -> DataLoader:
+class PhysicalBatches(DataLoader):
+    """The loader of physical chunks. As the loop receives each chunk it tells the optimizer whether
+    the next ``step()`` ends a logical batch (DataLoader keeps the sampler's order, workers or not)."""
+
+    def __init__(self, dataset, *, batch_sampler: BatchSplittingSampler, optimizer: DPOptimizer, **kwargs):
+        super().__init__(dataset, batch_sampler=batch_sampler, **kwargs)
+        self.optimizer = optimizer
+
+    def __iter__(self) -> Iterator:
+        self.batch_sampler.ends.clear()
+        for batch in super().__iter__():
+            self.optimizer.signal_skip_step(do_skip=not self.batch_sampler.ends.popleft())
+            yield batch
+
+
+def wrap_data_loader(*, data_loader: DataLoader, max_batch_size: int, optimizer: DPOptimizer) -> PhysicalBatches:
     """A loader over the same data whose batches are the physical chunks of ``data_loader``'s batches."""
     sampler = data_loader.batch_sampler
     if sampler is None:
         raise ValueError("BatchMemoryManager needs a loader with a batch sampler (a DPDataLoader or batch_size=...)")
-    return DataLoader(
+    return PhysicalBatches(
         data_loader.dataset,
-        batch_sampler=BatchSplittingSampler(sampler=sampler, max_batch_size=max_batch_size, optimizer=optimizer),
+        batch_sampler=BatchSplittingSampler(sampler=sampler, max_batch_size=max_batch_size),
+        optimizer=optimizer,
         collate_fn=data_loader.collate_fn,
         generator=data_loader.generator,
         **worker_options(data_loader),
@@ -79,7 +99,7 @@ class BatchMemoryManager:
         self.max_physical_batch_size = max_physical_batch_size
         self.optimizer = optimizer
 
-    def __enter__(self) -> DataLoader:
+    def __enter__(self) -> PhysicalBatches:
         return wrap_data_loader(data_loader=self.data_loader, max_batch_size=self.max_physical_batch_size,
                                 optimizer=self.optimizer)
 
