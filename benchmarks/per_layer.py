@@ -193,8 +193,9 @@ def main(argv=None) -> str:
         fam = {}
         for what in ("time", "memory"):
             env = dict(os.environ)
-            if what == "memory":  # large blocks go back to the OS, so RSS tracks live memory (slows timing)
-                env["MALLOC_MMAP_THRESHOLD_"] = "131072"
+            if what == "memory":  # large blocks go back to the OS, so RSS tracks live memory (slows timing);
+                env["MALLOC_MMAP_THRESHOLD_"] = "131072"  # Veil must not raise the threshold in this child
+                env["VEIL_TUNE_MALLOC"] = "0"
             cmd = [sys.executable, __file__, "--child", what, "--family", name, "--repeats", str(args.repeats)]
             res = subprocess.run(cmd + (["--quick"] if args.quick else []), capture_output=True, text=True, env=env)
             if res.returncode != 0:
