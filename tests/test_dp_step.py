@@ -164,3 +164,20 @@ def test_multithreaded_noise_is_standard_normal_and_seeded():
     halves = z.tensor_split(6)  # blocks and thread slices are independent streams
     corr = torch.corrcoef(torch.stack([h[:50_000] for h in halves]))
     assert (corr - torch.eye(6)).abs().max() < 0.03
+
+
+def test_noise_is_topped_up_when_sigma_grows_between_backward_and_step():
+    """The buffer is filled with noise when the first backward of a logical batch ends; if σ is raised
+    before step(), the missing variance is added, so the update carries std σ·C/B as accounted."""
+    torch.manual_seed(0)
+    lin = nn.Linear(300, 300, bias=False)
+    with torch.no_grad():
+        lin.weight.zero_()
+    model = GradSampleModule(lin)
+    opt = DPOptimizer(torch.optim.SGD(model.parameters(), lr=1.0), noise_multiplier=0.5, max_grad_norm=1.0,
+                      expected_batch_size=4, generator=torch.Generator().manual_seed(3))
+    model(torch.zeros(4, 300)).sum().backward()  # zero gradients: the update is the noise alone
+    opt.noise_multiplier = 2.0
+    opt.step()
+    std = lin.weight.detach().std().item()
+    assert abs(std - 2.0 / 4) < 0.02, std

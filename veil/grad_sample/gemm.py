@@ -39,14 +39,33 @@ def linear(x: Tensor, w: Tensor, b: Optional[Tensor] = None) -> Tensor:
     return F.linear(x, w, b)
 
 
-def add_tn_(out: Tensor, g: Tensor, a: Tensor) -> None:
-    """``out += gᵀ a`` for row matrices g [N, p], a [N, d] (the weight gradient of a Linear layer)."""
-    if g.shape[0] == 0:
+def add_tn_(out: Tensor, g: Tensor, a: Tensor, c: Tensor) -> None:
+    """``out += gᵀ diag(c) a`` for row matrices g [N, p], a [N, d] and row weights c [N]: the clipped
+    sum of a Linear layer's weight gradients. The smaller of g and a is scaled."""
+    N, p = g.shape
+    d = a.shape[1]
+    if N == 0:
         return
-    # oneDNN reads the transposed row matrices well only when they are dense (a strided slice such as
-    # out[:, -1] of a sequence took 3 ms for an 18x64 by 64x128 product)
-    big = g.shape[0] * out.numel() >= 1 << 16  # oneDNN's call overhead (~25 us) outweighs tiny products
-    if big and onednn_applies(g) and out.dtype == g.dtype == a.dtype and g.is_contiguous() and a.is_contiguous():
-        out.add_(_LINEAR(g.t(), a.t(), None, "none", [], ""))
+    c = c.to(g.dtype).view(N, 1)
+    big = N * p * d >= 1 << 16  # oneDNN's call overhead (~25 us) outweighs tiny products
+    if not (big and onednn_applies(g) and out.dtype == g.dtype == a.dtype and g.is_contiguous() and a.is_contiguous()):
+        # oneDNN reads transposed row matrices well only when they are dense (a strided slice such as
+        # out[:, -1] of a sequence took 3 ms for an 18x64 by 64x128 product)
+        if d <= p:
+            out.addmm_(g.t(), a * c)
+        else:
+            out.addmm_((g * c).t(), a)
+        return
+    # oneDNN computes X Wᵀ and copies a transposed X first. Measured (one and two threads): writing the
+    # scaled smaller factor already transposed as X wins unless the result then needs a transposed add
+    # larger than the copy it saves (d ≤ p and d ≥ N, e.g. a 1024x784 layer at B = 256).
+    if d > p:
+        x = torch.empty(p, N, dtype=g.dtype, device=g.device)
+        torch.mul(g.t(), c.t(), out=x)
+        out.add_(_LINEAR(x, a.t(), None, "none", [], ""))
+    elif d < N:
+        x = torch.empty(d, N, dtype=g.dtype, device=g.device)
+        torch.mul(a.t(), c.t(), out=x)
+        out.t().add_(_LINEAR(x, g.t(), None, "none", [], ""))
     else:
-        out.addmm_(g.t(), a)
+        out.add_(_LINEAR(g.t(), (a * c).t(), None, "none", [], ""))

@@ -17,7 +17,7 @@ from torch.optim import Optimizer
 from ..grad_sample.grad_sample_module import Chunk, GradSampleModule, PrivacyLeakError, make_entry
 from ..grad_sample.rules.base import InstantiatedGrads
 from .clipping import ClippingStrategy, make_strategy
-from .noise import add_gaussian_
+from .noise import add_gaussian_, gaussian_
 
 Tensor = torch.Tensor
 
@@ -162,8 +162,11 @@ class DPOptimizer(Optimizer):
             for q in self.params:
                 if q.requires_grad:
                     by_dtype.setdefault(torch.promote_types(q.dtype, torch.float32), []).append(q)
+            # the buffer starts as this logical batch's noise; the clipped sums are added to it
+            self._noise_std = self.clipping.noise_std(self.noise_multiplier)
             for dtype, group in by_dtype.items():
-                flat = torch.zeros(sum(q.numel() for q in group), dtype=dtype, device=group[0].device)
+                flat = torch.empty(sum(q.numel() for q in group), dtype=dtype, device=group[0].device)
+                gaussian_(flat, self._noise_std, self.generator, secure=self.secure_mode)
                 self._flats.append(flat)
                 i = 0
                 for q in group:
@@ -236,13 +239,17 @@ class DPOptimizer(Optimizer):
             self._chunks = 0
             return False
         self._check()
-        std = self.clipping.noise_std(self.noise_multiplier)
         denom = self.expected_batch_size * self.accumulated_iterations if self.loss_reduction == "mean" else 1
         params = [p for p in self.params if p.requires_grad]
         if params:
-            self._grad_buffer(params[0])
+            self._grad_buffer(params[0])  # a step with no backward pass (empty batch): noise alone
+        std = self.clipping.noise_std(self.noise_multiplier)
+        # σ or C changed after the noise was drawn (between backward and step): top it up to std; a
+        # lower std is not reachable, and the step then carries more noise than accounted (safe)
+        extra = std * std - self._noise_std * self._noise_std
         for flat in self._flats:
-            add_gaussian_(flat, std, self.generator, secure=self.secure_mode)
+            if extra > 0:
+                add_gaussian_(flat, extra ** 0.5, self.generator, secure=self.secure_mode)
             if denom != 1:
                 flat.div_(denom)
         for p in params:
@@ -267,6 +274,7 @@ class DPOptimizer(Optimizer):
         return loss
 
     def _reset(self) -> None:
+        self._noise_std = 0.0
         self._summed = {}
         self._flats = []
         self._chunks = 0

@@ -63,14 +63,10 @@ class LinearGhostGrads(LayerGrads):
             self.norms_sq["bias"] = sq_norms(self.gsum)
 
     def _weight_sum_(self, c: Tensor, out: Tensor) -> None:
-        """out += (c ⊙ g)ᵀ a = gᵀ (c ⊙ a): the smaller of the two factors is scaled."""
+        """out += (c ⊙ g)ᵀ a."""
         B, T, p = self.g.shape
-        d = self.a.shape[-1]
-        c = c.to(self.g.dtype).view(B, 1, 1)
-        if d <= p:
-            add_tn_(out, self.g.reshape(B * T, p), (self.a * c).reshape(B * T, d))
-        else:
-            add_tn_(out, (self.g * c).reshape(B * T, p), self.a.reshape(B * T, d))
+        cT = c.repeat_interleave(T) if T > 1 else c
+        add_tn_(out, self.g.reshape(B * T, p), self.a.reshape(B * T, self.a.shape[-1]), cT)
 
     def clipped_sum(self, factors: Dict[str, Tensor]) -> Dict[str, Tensor]:
         out = {}
