@@ -3,13 +3,15 @@
 Each step is forward + backward + optimizer step. DP runs through PrivacyEngine-equivalent objects
 (GradSampleModule in the default mode + DPOptimizer with σ=1, C=1); plain uses torch.nn layers and
 torch.optim.SGD. Times are medians of interleaved repeats in one process. Peak memory is the growth
-of the process's peak RSS over its resting RSS during a few steps, each measured in a fresh process.
+of the process's peak RSS during a step over the RSS before it, in fresh processes (median of 3):
+for the first step (with one-time costs) and for later steps (steady state).
 
     python benchmarks/end_to_end.py [--repeats 20] [--no-opacus] [--no-memory]
 """
 from __future__ import annotations
 
 import argparse
+import statistics
 import json
 import os
 import subprocess
@@ -105,17 +107,22 @@ def opacus_model(name: str, plain_builder):
 
 
 def memory_child(name: str, which: str, seq_len: int) -> None:
-    """Runs in a fresh process: prints the peak-RSS growth of 3 steps over the resting RSS, in bytes."""
+    """Runs in a fresh process: prints the peak-RSS growth (bytes) of the first step over the resting
+    RSS, and of two later steps over the RSS after that first step (the steady state, without
+    one-time costs such as oneDNN's kernel generation or thread pools)."""
     torch.manual_seed(0)
     plain_b, dp_b, batch_b = workloads(seq_len)[name]
     batch = batch_b()
     step = plain_step(plain_b(), batch) if which == "plain" else veil_step(dp_b(), batch)
-    rest = _status_kib("VmRSS")
-    with open("/proc/self/clear_refs", "w") as f:  # resets VmHWM, the peak RSS, to the current RSS
-        f.write("5")
-    for _ in range(3):
-        step()
-    print(json.dumps({"growth": max(_status_kib("VmHWM") - rest, 1) * 1024}))
+    out = {}
+    for key, steps in (("first", 1), ("steady", 2)):
+        rest = _status_kib("VmRSS")
+        with open("/proc/self/clear_refs", "w") as f:  # resets VmHWM, the peak RSS, to the current RSS
+            f.write("5")
+        for _ in range(steps):
+            step()
+        out[key] = max(_status_kib("VmHWM") - rest, 1) * 1024
+    print(json.dumps(out))
 
 
 def _status_kib(key: str) -> int:
@@ -126,12 +133,17 @@ def _status_kib(key: str) -> int:
     raise KeyError(key)
 
 
-def measure_memory(name: str, seq_len: int) -> Dict[str, int]:
-    out = {}
+def measure_memory(name: str, seq_len: int, runs: int = 3) -> Dict[str, Dict[str, int]]:
+    """Medians over ``runs`` fresh processes per side. glibc's default allocator on both sides
+    (VEIL_TUNE_MALLOC=0): with Veil's tuning freed memory stays resident, which would hide the
+    steady-state growth."""
+    env = dict(os.environ, VEIL_TUNE_MALLOC="0")
+    out: Dict[str, Dict[str, int]] = {}
     for which in ("plain", "veil"):
-        res = subprocess.run([sys.executable, __file__, "--memory-child", name, which, str(seq_len)],
-                             capture_output=True, text=True, check=True)
-        out[which] = json.loads(res.stdout.strip().splitlines()[-1])["growth"]
+        res = [json.loads(subprocess.run([sys.executable, __file__, "--memory-child", name, which, str(seq_len)],
+                                         capture_output=True, text=True, check=True, env=env).stdout.strip().splitlines()[-1])
+               for _ in range(runs)]
+        out[which] = {k: int(statistics.median(r[k] for r in res)) for k in ("first", "steady")}
     return out
 
 
@@ -181,7 +193,9 @@ def main(argv=None) -> str:
                 row[f"Opacus {mode} / plain"] = f"{t[k] / t['plain']:.2f}x" if k in t else "failed"
         if not args.no_memory:
             mem = measure_memory(name, args.seq_len)
-            row["peak mem Veil / plain"] = f"{mem['veil'] / mem['plain']:.2f}x ({mem['veil'] / 2**20:.0f}/{mem['plain'] / 2**20:.0f} MiB)"
+            for key, label in (("steady", "peak mem growth Veil / plain, steady step"), ("first", "first step")):
+                v, pl = mem["veil"][key], mem["plain"][key]
+                row[label] = f"{v / pl:.2f}x ({v / 2**20:.0f}/{pl / 2**20:.0f} MiB)"
         rows.append(row)
         print(row, file=sys.stderr)
     cols = set().union(*rows)

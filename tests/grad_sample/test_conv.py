@@ -159,3 +159,49 @@ def test_weight_per_sample_forms_match_autograd(cfg, B, form):
         expected.append(w)
     got = weight_per_sample(conv, pad_input(conv, x), g, form=form)
     torch.testing.assert_close(got, torch.stack(expected), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 1 << 30])
+@pytest.mark.parametrize("norms", ["gram", "per_sample"])
+@pytest.mark.parametrize(
+    "module, shape",
+    [
+        (nn.Conv2d(3, 8, 3, stride=2, padding=1, padding_mode="reflect"), (5, 3, 9, 9)),
+        (nn.Conv1d(4, 6, 3, groups=2, dilation=2), (4, 4, 11)),
+    ],
+)
+def test_chunked_norms_and_conv_clipped_sum(module, shape, norms, chunk, monkeypatch):
+    """Norms computed a few samples at a time (Gram matrices or per-sample gradients), and the clipped
+    sum as one weight-gradient convolution, equal the instantiated per-sample gradients', over two calls."""
+    import veil.grad_sample.rules.conv as conv_rules
+
+    monkeypatch.setattr(conv_rules, "CHUNK_ELEMENTS", chunk)
+    module = module.double()
+    rule = rule_for(module)
+    calls = []
+    for scale in (1.0, 0.5):
+        x = torch.randn(*shape, dtype=torch.float64) * scale
+        y = module(x)
+        calls.append(Call(ctx=rule.capture(module, (x,), {}, True), grad=torch.randn_like(y)))
+    xs, gs = conv_rules.prepare(module, calls)
+    got = ConvGhostGrads(module, xs, gs, ["weight", "bias"], norms=norms)
+    ref = InstantiatedGrads(conv_rules.conv_per_sample(module, xs, gs, ["weight", "bias"]))
+    c = torch.rand(shape[0], dtype=torch.float64)
+    for n in ("weight", "bias"):
+        torch.testing.assert_close(got.norms_sq[n], ref.norms_sq[n], rtol=1e-10, atol=0)
+        torch.testing.assert_close(got.clipped_sum({n: c})[n], ref.clipped_sum({n: c})[n], rtol=1e-10, atol=1e-12)
+
+
+def test_auto_keeps_large_per_sample_gradients_transient():
+    """A layer whose B per-sample gradients would not fit in one chunk gets chunked per-sample norms
+    and a convolution clipped sum instead of B copies of its weight."""
+    import veil.grad_sample.rules.conv as conv_rules
+
+    module = nn.Conv2d(16, 32, 4, stride=2).double()
+    x = torch.randn(70, 16, 13, 13, dtype=torch.float64)  # 70 x 8192 weight elements > one chunk
+    rule = rule_for(module)
+    call = Call(ctx=rule.capture(module, (x,), {}, True), grad=torch.randn_like(module(x)))
+    lg = rule.layer_grads(module, [call], ["weight", "bias"], "auto")
+    assert isinstance(lg, ConvGhostGrads)
+    ref = rule.layer_grads(module, [call], ["weight", "bias"], "instantiate")
+    torch.testing.assert_close(lg.norms_sq["weight"], ref.norms_sq["weight"], rtol=1e-10, atol=0)

@@ -48,7 +48,11 @@ def add_tn_(out: Tensor, g: Tensor, a: Tensor, c: Tensor) -> None:
         return
     c = c.to(g.dtype).view(N, 1)
     big = N * p * d >= 1 << 16  # oneDNN's call overhead (~25 us) outweighs tiny products
-    if not (big and onednn_applies(g) and out.dtype == g.dtype == a.dtype and g.is_contiguous() and a.is_contiguous()):
+    # oneDNN writes a p x d result and transposed copies before the add (a 1024x784 layer at B = 256:
+    # 10 MiB of peak memory); it is used only where that stays within the layer's own activations
+    lean = p * d <= N * (p + d)
+    if not (big and lean and onednn_applies(g) and out.dtype == g.dtype == a.dtype
+            and g.is_contiguous() and a.is_contiguous()):
         # oneDNN reads transposed row matrices well only when they are dense (a strided slice such as
         # out[:, -1] of a sequence took 3 ms for an 18x64 by 64x128 product)
         if d <= p:

@@ -67,22 +67,35 @@ def _sum(ts: List[Tensor]) -> Tensor:
     return total
 
 
+def _cat_first(ts: List[Tensor], like: Tensor) -> Tensor:
+    if not ts:
+        return like.new_zeros(0)
+    return ts[0] if len(ts) == 1 else torch.cat(ts)
+
+
 def _cat_last(ts: List[Tensor]) -> Tensor:
     return ts[0] if len(ts) == 1 else torch.cat(ts, -1)
+
+
+#: Norms are computed a few samples at a time: at most this many patch elements (ghost) or weight
+#: gradient elements (per-sample) at once, 2 MiB of float32. A layer whose B per-sample gradients fit
+#: in one such chunk keeps them (its clipped sum is then a cheap weighted sum of them).
+CHUNK_ELEMENTS = 1 << 19
 
 
 def ghost_is_cheaper(L: int, k: int, p: int) -> bool:
     """DESIGN.md's cost model per group and sample, in multiply-add equivalents, with the constants
     measured on a 2-core x86 CPU (torch 2.13, conv shapes from 1→16 to 128→256 channels):
 
-    * instantiating: 2·L·p·k (B small weight-gradient products run at about half the speed of one
-      large one) + 60·p·k (writing, then reading twice, B copies of the weight gradient);
+    * per-sample gradients: 2·L·p·k (B small weight-gradient products run at about half the speed
+      of one large one) + 10·p·k (their norms, chunk by chunk while in cache) + L·p·k (the clipped sum,
+      a weight-gradient convolution of the scaled output gradients);
     * ghost: 2·L²·(p+k) (the two Gram matrices) + 100·L·k (the strided copy of the patches) + L·p·k
-      (the clipped sum is a second weight-gradient convolution; instantiation gets it for free).
+      (the same clipped sum).
     """
-    instantiate = 2 * L * p * k + 60 * p * k
-    ghost = 2 * L * L * (p + k) + 100 * L * k + L * p * k
-    return ghost < instantiate
+    per_sample = 2 * L * p * k + 10 * p * k
+    ghost = 2 * L * L * (p + k) + 100 * L * k
+    return ghost < per_sample
 
 
 def prepare(module: Conv, calls: List[Call]) -> Tuple[List[Tensor], List[Tensor]]:
@@ -157,21 +170,36 @@ def scale_samples(g: Tensor, c: Tensor) -> Tensor:
 
 
 class ConvGhostGrads(LayerGrads):
-    """Weight norms from the L×L Gram matrices; the clipped sum is one weight-gradient convolution.
+    """Keeps only the padded inputs and output gradients; the clipped sum is one weight-gradient
+    convolution of the scaled output gradients.
 
-    Only the padded inputs and output gradients are kept; the unfolded patches live only while the
-    norms are computed.
+    The weight norms come, a few samples at a time (so temporaries stay small and in cache), either
+    from the L×L Gram matrices of the unfolded patches (``norms="gram"``: the ghost norm) or from the
+    samples' weight gradients themselves, formed and dropped chunk by chunk (``norms="per_sample"``:
+    instantiation's arithmetic without holding B copies of the weight).
     """
 
-    def __init__(self, module: Conv, xs: List[Tensor], gs: List[Tensor], names: List[str]):
+    def __init__(self, module: Conv, xs: List[Tensor], gs: List[Tensor], names: List[str], norms: str = "gram"):
         self.module, self.xs, self.gs, self.names = module, xs, gs, names
         self.norms_sq = {}
         if "weight" in names:
-            u = _cat_last([unfold(module, x) for x in xs])
-            g = _cat_last([grouped_grad(module, g) for g in gs])
-            uu = torch.matmul(u.transpose(-1, -2), u)
-            gg = torch.matmul(g.transpose(-1, -2), g)
-            self.norms_sq["weight"] = (uu * gg).sum((1, 2, 3))
+            B = xs[0].shape[0]
+            L = sum(math.prod(g.shape[2:]) for g in gs)
+            k = module.weight[0].numel()
+            per = L * k * module.groups if norms == "gram" else module.weight.numel()
+            step = max(1, CHUNK_ELEMENTS // max(1, per))
+            parts = []
+            for i in range(0, B, step):
+                if norms == "gram":
+                    u = _cat_last([unfold(module, x[i : i + step]) for x in xs])
+                    g = _cat_last([grouped_grad(module, g[i : i + step]) for g in gs])
+                    uu = torch.matmul(u.transpose(-1, -2), u)
+                    gg = torch.matmul(g.transpose(-1, -2), g)
+                    parts.append((uu * gg).sum((1, 2, 3)))
+                else:
+                    w = _sum([weight_per_sample(module, x[i : i + step], g[i : i + step]) for x, g in zip(xs, gs)])
+                    parts.append(sq_norms(w))
+            self.norms_sq["weight"] = _cat_first(parts, xs[0])
         if "bias" in names:
             self.gsum = bias_per_sample(gs)
             self.norms_sq["bias"] = sq_norms(self.gsum)
@@ -217,4 +245,6 @@ class ConvRule(Rule):
         p = module.out_channels // module.groups
         if mode == "ghost" or (mode == "auto" and ghost_is_cheaper(L, k, p)):
             return ConvGhostGrads(module, xs, gs, names)
+        if mode == "auto" and xs[0].shape[0] * module.weight.numel() > CHUNK_ELEMENTS:
+            return ConvGhostGrads(module, xs, gs, names, norms="per_sample")
         return InstantiatedGrads(conv_per_sample(module, xs, gs, names))
