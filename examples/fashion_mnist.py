@@ -62,12 +62,12 @@ MEAN, STD = 0.2860, 0.3530
 
 RECIPES: Dict[str, Dict[str, object]] = {
     "tb": dict(model="tanh", epochs=40, batch_size=2048, lr=4.0, momentum=0.9, max_grad_norm=0.1,
-               aug_mult=1, ema=0.0, grad_sample_mode="hooks"),
+               aug_mult=1, ema=0.0, grad_sample_mode="auto"),
     # 20 epochs: the recipe with the noise for 20 epochs reaches 86% within ~4.5 min on 2 cores
     "tb20": dict(model="tanh", epochs=20, batch_size=2048, lr=4.0, momentum=0.9, max_grad_norm=0.1,
-                 aug_mult=1, ema=0.0, grad_sample_mode="hooks"),
+                 aug_mult=1, ema=0.0, grad_sample_mode="auto"),
     "best": dict(model="gn", epochs=20, batch_size=2048, lr=4.0, momentum=0.9, max_grad_norm=0.1,
-                 aug_mult=2, ema=0.99, grad_sample_mode="hooks"),
+                 aug_mult=2, ema=0.99, grad_sample_mode="auto"),
     # Tramèr & Boneh's ScatterNet + linear: fixed scattering features (examples/scatternet.py),
     # GroupNorm (27 groups) inside the model, a linear classifier on 81 x 7 x 7 features
     # (ghost clipping: per-example norms of a linear layer without the per-example gradients)
@@ -250,8 +250,8 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     ap.add_argument("--val", action="store_true", help="hold out 10k training images; report validation accuracy")
     ap.add_argument("--smoke", action="store_true", help="CI: 1 epoch on 2,000 examples")
     ap.add_argument("--grad-sample-mode", choices=["auto", "hooks", "ghost", "functorch"],
-                    help="Veil's per-sample gradient mode; instantiated ('hooks') is fastest for the CNN on CPU, "
-                         "ghost clipping for ScatterNet + linear")
+                    help="Veil's per-sample gradient mode (each recipe sets one: 'auto' for the CNNs, "
+                         "'ghost' for ScatterNet + linear)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--data-dir", type=Path, default=DATA_DIR)
     args = ap.parse_args(argv)
