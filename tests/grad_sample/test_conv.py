@@ -195,7 +195,6 @@ def test_chunked_norms_and_conv_clipped_sum(module, shape, norms, chunk, monkeyp
 def test_auto_keeps_large_per_sample_gradients_transient():
     """A layer whose B per-sample gradients would not fit in one chunk gets chunked per-sample norms
     and a convolution clipped sum instead of B copies of its weight."""
-    import veil.grad_sample.rules.conv as conv_rules
 
     module = nn.Conv2d(16, 32, 4, stride=2).double()
     x = torch.randn(70, 16, 13, 13, dtype=torch.float64)  # 70 x 8192 weight elements > one chunk
