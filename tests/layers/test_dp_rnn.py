@@ -365,3 +365,17 @@ def test_batch_first_linear_float32_matches_linear(use_onednn, monkeypatch):
     torch.testing.assert_close(y.double(), y2, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(x.grad.double(), x2.grad, rtol=1e-5, atol=1e-5)
     assert leaf.weight.grad is not None and leaf.bias.grad is not None
+
+
+def test_batch_first_linear_follows_autocast_like_linear():
+    """Under bf16 autocast the leaf's output has nn.Linear's dtype (its oneDNN path steps aside)."""
+    from veil.layers.leaves import BatchFirstLinear
+
+    torch.manual_seed(0)
+    leaf, ref = BatchFirstLinear(8, 12, dtype=torch.float32), nn.Linear(8, 12, dtype=torch.float32)
+    ref.load_state_dict(leaf.state_dict())
+    x = torch.randn(3, 5, 8, dtype=torch.float32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, y_ref = leaf(x), ref(x)
+    assert y.dtype == y_ref.dtype == torch.bfloat16
+    torch.testing.assert_close(y, y_ref)

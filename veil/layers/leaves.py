@@ -14,9 +14,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..grad_sample import state
-from ..grad_sample.rules.base import Call, InstantiatedGrads, LayerGrads, Rule, norm_dtype, register_rule
-from ..grad_sample.rules.linear import (LinearGhostGrads, LinearRule, flat3, ghost_is_cheaper, linear_per_sample,
-                                        stack_calls)
+from ..grad_sample.rules.base import Call, LayerGrads, Rule, norm_dtype, register_rule
+from ..grad_sample.rules.linear import LinearRule, flat3, linear_layer_grads
 from ..grad_sample.gemm import linear, onednn_applies
 
 Tensor = torch.Tensor
@@ -42,7 +41,8 @@ class BatchFirstLinear(nn.Linear):
         if state.is_replaying():
             return F.linear(input, self.weight, self.bias)
         if values is None:
-            if not onednn_applies(input) or self.weight.dtype != input.dtype:
+            if (not onednn_applies(input) or self.weight.dtype != input.dtype
+                    or torch.is_autocast_enabled(input.device.type)):  # autocast picks F.linear's dtype
                 return F.linear(input, self.weight, self.bias)
             with torch.no_grad():
                 values = linear(input, self.weight, self.bias)
@@ -85,20 +85,6 @@ class BatchFirstLinearRule(LinearRule):
     """The Linear rule for inputs whose batch is always dimension 0."""
 
     sequence_input = False
-
-    def layer_grads(self, module: nn.Module, calls: List[Call], names: List[str], mode: str) -> LayerGrads:
-        a, g = stack_calls(calls, module.in_features, module.out_features)
-        if use_ghost(mode, a, g):
-            return LinearGhostGrads(a, g, names)
-        return InstantiatedGrads(linear_per_sample(a, g, names))
-
-
-def use_ghost(mode: str, a: Tensor, g: Tensor) -> bool:
-    """The engine's Linear choice: ghost norm in "ghost" mode, or in "auto" when DESIGN.md's cost model
-    says it is cheaper; instantiated per-sample gradients otherwise."""
-    if mode != "auto":
-        return mode == "ghost"
-    return ghost_is_cheaper(a.shape[1], a.shape[2], g.shape[2])
 
 
 class KVBias(nn.Module):
@@ -203,19 +189,14 @@ class InProjectionRule(Rule):
                 g[s].append(flat3(c.grad[s]))
         return [_join_t(x) for x in a], [_join_t(x) for x in g]
 
-    def _lg(self, a: Tensor, g: Tensor, names: List[str], mode: str) -> LayerGrads:
-        if use_ghost(mode, a, g):
-            return LinearGhostGrads(a, g, names)
-        return InstantiatedGrads(linear_per_sample(a, g, names))
-
     def layer_grads(self, module: nn.Module, calls: List[Call], names: List[str], mode: str) -> LayerGrads:
         dt = norm_dtype(calls[0].grad[0].dtype)
         if all(len(c.ctx) == 1 for c in calls):  # self-attention: one Linear with a [B, T, 3E] output
             a = _join_t([flat3(c.ctx[0]) for c in calls]).to(dt)
             g = _join_t([torch.cat([flat3(x) for x in c.grad], -1) for c in calls]).to(dt)
-            return self._lg(a, g, names, mode)
+            return linear_layer_grads(a, g, names, mode)
         a, g = self._parts(calls)
-        return _StackedGrads([self._lg(a[s].to(dt), g[s].to(dt), names, mode) for s in range(3)])
+        return _StackedGrads([linear_layer_grads(a[s].to(dt), g[s].to(dt), names, mode) for s in range(3)])
 
     def per_sample(self, module: nn.Module, calls: List[Call], names: List[str]) -> Dict[str, Tensor]:
         return self.layer_grads(module, calls, names, "instantiate").per_sample()

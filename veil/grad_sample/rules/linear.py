@@ -105,6 +105,13 @@ class LinearRule(Rule):
 
     def layer_grads(self, module: nn.Linear, calls: List[Call], names: List[str], mode: str) -> LayerGrads:
         a, g = stack_calls(calls, module.in_features, module.out_features)
-        if mode == "ghost" or (mode == "auto" and ghost_is_cheaper(a.shape[1], a.shape[2], g.shape[2])):
-            return LinearGhostGrads(a, g, names)
-        return InstantiatedGrads(linear_per_sample(a, g, names))
+        return linear_layer_grads(a, g, names, mode)
+
+
+def linear_layer_grads(a: Tensor, g: Tensor, names: List[str], mode: str) -> LayerGrads:
+    """Norms and clipped sums of a Linear with inputs ``a`` [B, T, d] and output gradients ``g``
+    [B, T, p]: ghost norms in "ghost" mode, or in "auto" when the cost model says they are cheaper;
+    instantiated per-sample gradients otherwise."""
+    if mode == "ghost" or (mode == "auto" and ghost_is_cheaper(a.shape[1], a.shape[2], g.shape[2])):
+        return LinearGhostGrads(a, g, names)
+    return InstantiatedGrads(linear_per_sample(a, g, names))
