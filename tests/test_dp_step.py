@@ -181,3 +181,14 @@ def test_noise_is_topped_up_when_sigma_grows_between_backward_and_step():
     opt.step()
     std = lin.weight.detach().std().item()
     assert abs(std - 2.0 / 4) < 0.02, std
+
+
+def test_step_with_every_parameter_frozen_changes_nothing():
+    model = GradSampleModule(nn.Linear(3, 2))
+    for p in model.parameters():
+        p.requires_grad_(False)
+    opt = DPOptimizer(torch.optim.SGD(model.parameters(), lr=1.0), noise_multiplier=1.0, max_grad_norm=1.0,
+                      expected_batch_size=4)
+    before = [p.clone() for p in model.parameters()]
+    opt.step()
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))

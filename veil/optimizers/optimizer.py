@@ -78,6 +78,7 @@ class DPOptimizer(Optimizer):
         self._gsm: Optional[GradSampleModule] = None
         self._summed: Dict[int, Tensor] = {}  # id(param) -> view of a flat buffer in self._flats
         self._flats: List[Tensor] = []
+        self._noise_std = 0.0  # the std of the noise already in self._flats
         self._chunks = 0  # backward passes since the last step() call
         self._iterations = 0  # most backward passes between two step() calls in this logical batch
         self._errors: List[str] = []
