@@ -17,7 +17,7 @@ from torch.utils.data import TensorDataset
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.common import interleaved_times, markdown_table  # noqa: E402
-from benchmarks.workloads import mlp, mnist_cnn  # noqa: E402
+from benchmarks.workloads import TransformerBlock, _dp_attention, mlp, mnist_cnn  # noqa: E402
 from veil import GradSampleModule  # noqa: E402
 from veil.data_loader import DPDataLoader  # noqa: E402
 from veil.optimizers import DPOptimizer  # noqa: E402
@@ -31,12 +31,16 @@ def main(argv=None) -> str:
     ap.add_argument("--physical", type=int, default=64)
     args = ap.parse_args(argv)
     rows = []
-    for name, build, shape in (("CNN (MNIST)", mnist_cnn, (1, 28, 28)), ("MLP 784-1024-1024-10", mlp, (784,))):
+    models = (("CNN (MNIST)", mnist_cnn, mnist_cnn, (1, 28, 28)),
+              ("MLP 784-1024-1024-10", mlp, mlp, (784,)),
+              ("Transformer block (T=64, d=128, 4 heads)", TransformerBlock,
+               lambda: TransformerBlock(attention=_dp_attention()), (64, 128)))
+    for name, build, dp_build, shape in models:
         n = args.logical * 4
         ds = TensorDataset(torch.randn(n, *shape), torch.randint(0, 10, (n,)))
         steps = {}
         for label, phys in (("one batch", None), ("BatchMemoryManager", args.physical)):
-            model = GradSampleModule(build())
+            model = GradSampleModule(dp_build())
             opt = DPOptimizer(torch.optim.SGD(model.parameters(), lr=0.01), noise_multiplier=1.0, max_grad_norm=1.0,
                               expected_batch_size=args.logical)
             loader = DPDataLoader(ds, sample_rate=args.logical / n, generator=torch.Generator().manual_seed(0), steps=1)

@@ -197,6 +197,9 @@ class ScatterLinear(nn.Module):
         self.fc = nn.Linear(channels * spatial * spatial, classes)
 
     def forward(self, x: Tensor) -> Tensor:
+        if x.dim() == 5:  # [B, K, C, h, w]: K views of each example -> logits [B, K, classes]
+            b, k = x.shape[:2]
+            return self.fc(self.norm(x.flatten(0, 1)).reshape(b, k, -1))
         return self.fc(self.norm(x).flatten(1))
 
 

@@ -153,8 +153,8 @@ def test_multithreaded_noise_is_standard_normal_and_seeded():
     try:
         draws = []
         for _ in range(2):
-            buf = torch.zeros(300_000, dtype=torch.float32)
-            add_gaussian_(buf, 2.0, torch.Generator().manual_seed(11), block=100_000)
+            buf = torch.zeros(600_000, dtype=torch.float32)  # 2 blocks, each split between 2 threads
+            add_gaussian_(buf, 2.0, torch.Generator().manual_seed(11), block=300_000)
             draws.append(buf)
     finally:
         torch.set_num_threads(old)

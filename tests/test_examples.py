@@ -64,9 +64,12 @@ def test_fashion_mnist_best_recipe_smoke(fashion_mnist, capsys):
     assert eps <= 3.0 + 0.05
 
 
-def test_fashion_mnist_scatter_recipe_smoke(fashion_mnist, capsys):
-    """ScatterNet features (computed on the fly for the subset, no cache) + GroupNorm + linear."""
-    acc, eps = run(fashion_mnist, ["--smoke", "--recipe", "scatter", "--subset", "1000", "--val"], capsys)
+@pytest.mark.parametrize("flip", ["none", "both"])
+def test_fashion_mnist_scatter_recipe_smoke(fashion_mnist, capsys, flip):
+    """ScatterNet features (computed on the fly for the subset, no cache) + GroupNorm + linear; with
+    --flip both, the mirror image's features are a second view in training and in prediction."""
+    acc, eps = run(fashion_mnist, ["--smoke", "--recipe", "scatter", "--subset", "1000", "--val", "--flip", flip],
+                   capsys)
     assert eps <= 3.0 + 0.05
     assert acc > 0.3
 

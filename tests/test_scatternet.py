@@ -140,3 +140,15 @@ def test_scatter_linear_is_per_example():
     model = ScatterLinear(groups=27)
     f = torch.randn(5, 81, 7, 7)
     torch.testing.assert_close(model(f)[:2], model(f[:2]))
+
+
+def test_scatter_linear_views_match_single_view_calls():
+    """[B, K, C, h, w] (an example's views, e.g. the image and its mirror image) gives each view's
+    logits, the same as calling the model on each view alone."""
+    torch.manual_seed(0)
+    model = ScatterLinear(groups=27)
+    f = torch.randn(4, 2, 81, 7, 7)
+    out = model(f)
+    assert out.shape == (4, 2, 10)
+    for k in range(2):
+        torch.testing.assert_close(out[:, k], model(f[:, k]))

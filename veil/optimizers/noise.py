@@ -18,7 +18,7 @@ import torch
 
 Tensor = torch.Tensor
 
-_MIN_PARALLEL = 1 << 16
+_MIN_PARALLEL = 1 << 17  # below ~200K normals, one generator beats the hand-off to a second thread
 _POOL: Optional[ThreadPoolExecutor] = None
 
 
