@@ -5,7 +5,8 @@ shaped empty tensors through the user's collate_fn, so the training step runs an
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Iterator, List, Optional
+from collections import deque
+from typing import Any, Callable, Deque, Iterator, List, Optional
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
@@ -19,9 +20,16 @@ class UniformWithReplacementSampler(Sampler[List[int]]):
     Args:
         num_samples: dataset size N.
         sample_rate: q in (0, 1].
-        generator: torch.Generator for the Bernoulli masks (ignored in secure mode).
+        generator: torch.Generator for the Bernoulli masks (ignored in secure mode). Without one, the
+            sampler seeds a generator of its own from torch's global generator, once, so that sampling
+            is reproducible under ``torch.manual_seed`` and its stream can be checkpointed exactly.
         steps: batches per epoch (default: round(1/q)).
         secure_mode: draw the masks from a cryptographically secure source.
+
+    A DataLoader with worker processes draws batches ahead of the training loop. The sampler keeps
+    the generator's state from before each batch it has drawn but the loop has not received yet
+    (:meth:`batch_delivered` is called as the loop receives one), so :meth:`resume_state` is where a
+    resumed run must continue the stream.
     """
 
     def __init__(
@@ -39,8 +47,11 @@ class UniformWithReplacementSampler(Sampler[List[int]]):
             raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate}")
         self.num_samples = num_samples
         self.sample_rate = sample_rate
+        if generator is None and not secure_mode:
+            generator = torch.Generator().manual_seed(int(torch.randint(0, 2**62, ()).item()))
         self.generator = generator
         self.secure_mode = secure_mode
+        self._undelivered: Deque[torch.Tensor] = deque()
         self.steps = steps if steps is not None else max(1, int(round(1 / sample_rate)))
 
     def __len__(self) -> int:
@@ -54,9 +65,28 @@ class UniformWithReplacementSampler(Sampler[List[int]]):
         return torch.rand(self.num_samples, generator=self.generator)
 
     def __iter__(self) -> Iterator[List[int]]:
+        self._undelivered.clear()  # a new pass: batches drawn for an abandoned one are not coming
         for _ in range(self.steps):
+            if not self.secure_mode:
+                self._undelivered.append(self.generator.get_state())
             mask = self._uniform() < self.sample_rate
             yield mask.nonzero().flatten().tolist()
+
+    def batch_delivered(self) -> None:
+        """The training loop has received the oldest batch drawn."""
+        if self._undelivered:
+            self._undelivered.popleft()
+
+    def resume_state(self) -> Optional[torch.Tensor]:
+        """The generator state from which the batches the loop has not received yet are drawn."""
+        if self.secure_mode:
+            return None
+        return self._undelivered[0].clone() if self._undelivered else self.generator.get_state()
+
+    def set_resume_state(self, state: torch.Tensor) -> None:
+        """Continue the stream from ``state`` (as returned by :meth:`resume_state`)."""
+        self._undelivered.clear()
+        self.generator.set_state(state)
 
 
 def _empty_like_batch(collate_fn: Callable, example: Any) -> Any:
@@ -116,9 +146,15 @@ class DPDataLoader(DataLoader):
             dataset,
             batch_sampler=sampler,
             collate_fn=_EmptySafeCollate(collate_fn or default_collate, dataset),
-            generator=generator,
+            generator=_loader_generator(sampler, generator),
             **kwargs,
         )
+
+    def __iter__(self) -> Iterator:
+        sampler = self.batch_sampler
+        for batch in super().__iter__():
+            sampler.batch_delivered()
+            yield batch
 
     @classmethod
     def from_data_loader(
@@ -140,6 +176,15 @@ class DPDataLoader(DataLoader):
             secure_mode=secure_mode,
             **worker_options(data_loader),
         )
+
+
+def _loader_generator(sampler: UniformWithReplacementSampler,
+                      generator: Optional[torch.Generator]) -> Optional[torch.Generator]:
+    """DataLoader draws its workers' base seed from its generator each time an iterator starts; a
+    generator of its own, seeded once from the sampler's, keeps those draws out of the Poisson stream."""
+    if sampler.secure_mode:
+        return generator
+    return torch.Generator().manual_seed(int(torch.randint(0, 2**62, (), generator=sampler.generator).item()))
 
 
 def worker_options(data_loader: DataLoader) -> dict:

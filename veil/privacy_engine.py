@@ -215,16 +215,20 @@ class PrivacyEngine:
             ckpt["grad_clip_scheduler_state_dict"] = grad_clip_scheduler.state_dict()
         torch.save(ckpt, path, **torch_save_kwargs)
 
-    def _sampler_generator(self) -> Optional[torch.Generator]:
-        sampler = getattr(self._data_loader, "batch_sampler", None)
-        return getattr(sampler, "generator", None)
+    def _sampler(self):
+        return getattr(self._data_loader, "batch_sampler", None)
 
     def _rng_state(self, optimizer: Optional[Optimizer]) -> Dict[str, torch.Tensor]:
-        """The random streams a resumed run must continue: torch's default, the sampler's, the noise's."""
+        """The random streams a resumed run must continue: torch's default, the sampler's (from the
+        first batch the loop has not received: workers may have drawn some ahead), the noise's."""
         state = {"torch": torch.get_rng_state()}
-        gen = self._sampler_generator()
-        if gen is not None:
-            state["sampler"] = gen.get_state()
+        sampler = self._sampler()
+        if hasattr(sampler, "resume_state"):
+            sampler_state = sampler.resume_state()
+            if sampler_state is not None:
+                state["sampler"] = sampler_state
+        elif getattr(sampler, "generator", None) is not None:
+            state["sampler"] = sampler.generator.get_state()
         noise = getattr(optimizer, "generator", None)
         if noise is not None:
             state["noise"] = noise.get_state()
@@ -232,9 +236,11 @@ class PrivacyEngine:
 
     def _set_rng_state(self, state: Dict[str, torch.Tensor], optimizer: Optional[Optimizer]) -> None:
         torch.set_rng_state(state["torch"])
-        gen = self._sampler_generator()
-        if gen is not None and "sampler" in state:
-            gen.set_state(state["sampler"])
+        sampler = self._sampler()
+        if "sampler" in state and hasattr(sampler, "set_resume_state"):
+            sampler.set_resume_state(state["sampler"])
+        elif "sampler" in state and getattr(sampler, "generator", None) is not None:
+            sampler.generator.set_state(state["sampler"])
         noise = getattr(optimizer, "generator", None)
         if noise is not None and "noise" in state:
             noise.set_state(state["noise"])

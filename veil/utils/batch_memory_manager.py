@@ -53,8 +53,12 @@ class PhysicalBatches(DataLoader):
 
     def __iter__(self) -> Iterator:
         self.batch_sampler.ends.clear()
+        logical = getattr(self.batch_sampler.sampler, "batch_delivered", None)
         for batch in super().__iter__():
-            self.optimizer.signal_skip_step(do_skip=not self.batch_sampler.ends.popleft())
+            end = self.batch_sampler.ends.popleft()
+            self.optimizer.signal_skip_step(do_skip=not end)
+            if end and logical is not None:
+                logical()
             yield batch
 
 
