@@ -113,21 +113,23 @@ def test_checkpoint_round_trip_keeps_epsilon_weights_and_random_streams(tmp_path
         assert torch.equal(p, q)
 
 
+def private_with_workers(seeded: bool):
+    """A fresh private run whose loader has 2 worker processes (which draw batches ahead of the loop)."""
+    torch.manual_seed(0)
+    engine = PrivacyEngine()
+    model = MLP()
+    loader = DataLoader(data(), batch_size=20, num_workers=2, prefetch_factor=2,
+                        generator=torch.Generator().manual_seed(3) if seeded else None)
+    m, opt, dl = engine.make_private(module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+                                     data_loader=loader, noise_multiplier=1.0, max_grad_norm=1.0,
+                                     noise_generator=torch.Generator().manual_seed(5))
+    return engine, m, opt, dl
+
+
 @pytest.mark.parametrize("seeded", [True, False], ids=["loader generator", "global seed"])
 def test_checkpoint_mid_epoch_with_workers_resumes_where_the_loop_stopped(tmp_path, seeded):
     """Worker processes draw Poisson batches ahead of the loop; a checkpoint taken mid-epoch must
     resume from the first batch the loop has not received, not from where the sampler got to."""
-    def setup():
-        torch.manual_seed(0)
-        engine = PrivacyEngine()
-        model = MLP()
-        loader = DataLoader(data(), batch_size=20, num_workers=2, prefetch_factor=2,
-                            generator=torch.Generator().manual_seed(3) if seeded else None)
-        m, opt, dl = engine.make_private(module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
-                                         data_loader=loader, noise_multiplier=1.0, max_grad_norm=1.0,
-                                         noise_generator=torch.Generator().manual_seed(5))
-        return engine, m, opt, dl
-
     def steps(m, opt, it, n):
         seen = []
         for _ in range(n):
@@ -138,7 +140,7 @@ def test_checkpoint_mid_epoch_with_workers_resumes_where_the_loop_stopped(tmp_pa
             opt.step()
         return seen
 
-    engine, m, opt, dl = setup()
+    engine, m, opt, dl = private_with_workers(seeded)
     it = iter(dl)
     steps(m, opt, it, 3)
     path = tmp_path / "ckpt.pt"
@@ -147,7 +149,7 @@ def test_checkpoint_mid_epoch_with_workers_resumes_where_the_loop_stopped(tmp_pa
     weights = [p.detach().clone() for p in m.parameters()]
     del it
 
-    engine2, m2, opt2, dl2 = setup()
+    engine2, m2, opt2, dl2 = private_with_workers(seeded)
     engine2.load_checkpoint(path=path, module=m2, optimizer=opt2)
     got = steps(m2, opt2, iter(dl2), 3)
     for a, b in zip(got, expected):
@@ -161,16 +163,6 @@ def test_checkpoint_mid_epoch_with_batch_memory_manager_and_workers(tmp_path):
     logical batch whose last chunk the loop has not received."""
     from veil.utils.batch_memory_manager import BatchMemoryManager
 
-    def setup():
-        torch.manual_seed(0)
-        engine = PrivacyEngine()
-        model = MLP()
-        loader = DataLoader(data(), batch_size=20, num_workers=2, generator=torch.Generator().manual_seed(3))
-        m, opt, dl = engine.make_private(module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
-                                         data_loader=loader, noise_multiplier=1.0, max_grad_norm=1.0,
-                                         noise_generator=torch.Generator().manual_seed(5))
-        return engine, m, opt, dl
-
     def logical_steps(m, opt, it, n):
         seen = []
         while n:
@@ -182,7 +174,7 @@ def test_checkpoint_mid_epoch_with_batch_memory_manager_and_workers(tmp_path):
             n -= not opt._is_last_step_skipped
         return seen
 
-    engine, m, opt, dl = setup()
+    engine, m, opt, dl = private_with_workers(True)
     with BatchMemoryManager(data_loader=dl, max_physical_batch_size=7, optimizer=opt) as chunks:
         it = iter(chunks)
         logical_steps(m, opt, it, 3)
@@ -192,7 +184,7 @@ def test_checkpoint_mid_epoch_with_batch_memory_manager_and_workers(tmp_path):
         del it
     weights = [p.detach().clone() for p in m.parameters()]
 
-    engine2, m2, opt2, dl2 = setup()
+    engine2, m2, opt2, dl2 = private_with_workers(True)
     engine2.load_checkpoint(path=path, module=m2, optimizer=opt2)
     with BatchMemoryManager(data_loader=dl2, max_physical_batch_size=7, optimizer=opt2) as chunks:
         got = logical_steps(m2, opt2, iter(chunks), 2)
