@@ -4,7 +4,8 @@ Each step is forward + backward + optimizer step. DP runs through PrivacyEngine-
 (GradSampleModule in the default mode + DPOptimizer with σ=1, C=1); plain uses torch.nn layers and
 torch.optim.SGD. Times are medians of interleaved repeats in one process. Peak memory is the growth
 of the process's peak RSS during a step over the RSS before it, in fresh processes (median of 3):
-for the first step (with one-time costs) and for later steps (steady state).
+for the first step (with one-time costs) and for later steps (steady state); and the process's
+whole peak RSS over a steady step (model, framework and data included).
 
     python benchmarks/end_to_end.py [--repeats 20] [--no-opacus] [--no-memory]
 """
@@ -122,6 +123,7 @@ def memory_child(name: str, which: str, seq_len: int) -> None:
         for _ in range(steps):
             step()
         out[key] = max(_status_kib("VmHWM") - rest, 1) * 1024
+        out[key + " peak"] = _status_kib("VmHWM") * 1024
     print(json.dumps(out))
 
 
@@ -134,16 +136,18 @@ def _status_kib(key: str) -> int:
 
 
 def measure_memory(name: str, seq_len: int, runs: int = 3) -> Dict[str, Dict[str, int]]:
-    """Medians over ``runs`` fresh processes per side. glibc's default allocator on both sides
-    (VEIL_TUNE_MALLOC=0): with Veil's tuning freed memory stays resident, which would hide the
-    steady-state growth."""
-    env = dict(os.environ, VEIL_TUNE_MALLOC="0")
+    """Medians over ``runs`` fresh processes per side, with the same allocator settings on both sides:
+    Veil's malloc tuning off (VEIL_TUNE_MALLOC=0: with it freed memory stays resident, which would
+    hide the growth), and glibc's mmap threshold fixed at 64 KiB, so every tensor of 64 KiB or more
+    is mapped when allocated and unmapped when freed: the resident size then follows the live tensors
+    and repeats to 0.1 MiB between runs (with glibc's adaptive threshold it varied by several MiB)."""
+    env = dict(os.environ, VEIL_TUNE_MALLOC="0", MALLOC_MMAP_THRESHOLD_="65536")
     out: Dict[str, Dict[str, int]] = {}
     for which in ("plain", "veil"):
         res = [json.loads(subprocess.run([sys.executable, __file__, "--memory-child", name, which, str(seq_len)],
                                          capture_output=True, text=True, check=True, env=env).stdout.strip().splitlines()[-1])
                for _ in range(runs)]
-        out[which] = {k: int(statistics.median(r[k] for r in res)) for k in ("first", "steady")}
+        out[which] = {k: int(statistics.median(r[k] for r in res)) for k in res[0]}
     return out
 
 
@@ -193,9 +197,10 @@ def main(argv=None) -> str:
                 row[f"Opacus {mode} / plain"] = f"{t[k] / t['plain']:.2f}x" if k in t else "failed"
         if not args.no_memory:
             mem = measure_memory(name, args.seq_len)
-            for key, label in (("steady", "peak mem growth Veil / plain, steady step"), ("first", "first step")):
+            for key, label in (("steady", "peak mem growth Veil / plain, steady step"), ("first", "first step"),
+                               ("steady peak", "process peak RSS Veil / plain")):
                 v, pl = mem["veil"][key], mem["plain"][key]
-                row[label] = f"{v / pl:.2f}x ({v / 2**20:.0f}/{pl / 2**20:.0f} MiB)"
+                row[label] = f"{v / pl:.2f}x ({v / 2**20:.{1 if key != 'steady peak' else 0}f}/{pl / 2**20:.{1 if key != 'steady peak' else 0}f} MiB)"
         rows.append(row)
         print(row, file=sys.stderr)
     cols = set().union(*rows)
