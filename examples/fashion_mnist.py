@@ -15,7 +15,8 @@ Recipes (``--recipe``):
   ``~/.cache/veil``), GroupNorm with 27 groups (per example, inside the model), a linear
   classifier, ghost clipping. Hyper-parameters chosen on the validation split (RECIPES below;
   every configuration tried is in examples/RESULTS.md). ``--model scatter-cnn`` puts a small tanh
-  CNN on the same features instead.
+  CNN on the same features instead; ``--flip`` adds the mirror image's features as a second view,
+  ``--optimizer adam`` and ``--schedule cosine`` change the update rule (all tried on validation).
 
 Every recipe value can be overridden by its flag. Sampling is Poisson (q = 1/len(loader)); noise
 is calibrated by ``make_private_with_epsilon`` to spend ``--epsilon`` in ``--epochs`` epochs.
@@ -62,19 +63,19 @@ MEAN, STD = 0.2860, 0.3530
 
 RECIPES: Dict[str, Dict[str, object]] = {
     "tb": dict(model="tanh", epochs=40, batch_size=2048, lr=4.0, momentum=0.9, max_grad_norm=0.1,
-               aug_mult=1, flip="none", ema=0.0, grad_sample_mode="auto"),
+               aug_mult=1, flip="none", schedule="constant", ema=0.0, grad_sample_mode="auto"),
     # 20 epochs: the recipe with the noise for 20 epochs reaches 86% within ~4.5 min on 2 cores
     "tb20": dict(model="tanh", epochs=20, batch_size=2048, lr=4.0, momentum=0.9, max_grad_norm=0.1,
-                 aug_mult=1, flip="none", ema=0.0, grad_sample_mode="auto"),
+                 aug_mult=1, flip="none", schedule="constant", ema=0.0, grad_sample_mode="auto"),
     "best": dict(model="gn", epochs=20, batch_size=2048, lr=4.0, momentum=0.9, max_grad_norm=0.1,
-                 aug_mult=2, flip="none", ema=0.99, grad_sample_mode="auto"),
+                 aug_mult=2, flip="none", schedule="constant", ema=0.99, grad_sample_mode="auto"),
     # Tramèr & Boneh's ScatterNet + linear: fixed scattering features (examples/scatternet.py),
     # GroupNorm (27 groups) inside the model, a linear classifier on 81 x 7 x 7 features
     # (ghost clipping: per-example norms of a linear layer without the per-example gradients)
     # chosen on validation (T&B's 8192 / lr 4 / 40 epochs: 88.45 %; this: 89.60-89.77 % over 3 seeds);
     # Poisson q = 1/len(loader) = 1/4, i.e. an expected batch of 15,000 on 60k (12,500 on 50k)
     "scatter": dict(model="scatter", epochs=60, batch_size=16384, lr=16.0, momentum=0.9, max_grad_norm=0.1,
-                    aug_mult=1, flip="none", ema=0.0, grad_sample_mode="ghost"),
+                    aug_mult=1, flip="none", schedule="constant", ema=0.0, grad_sample_mode="ghost"),
 }
 
 
@@ -259,6 +260,10 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     ap.add_argument("--flip", choices=["none", "train", "test", "both"],
                     help="ScatterNet models: also use the features of the horizontally flipped image, as a second "
                          "view of each training example (train), averaged into the prediction (test), or both")
+    ap.add_argument("--optimizer", choices=["sgd", "adam"], default="sgd",
+                    help="SGD with --momentum, or Adam (on the noisy clipped gradients: no privacy cost)")
+    ap.add_argument("--schedule", choices=["constant", "cosine"],
+                    help="learning rate: constant, or cosine decay to 0 over the training steps")
     ap.add_argument("--ema", type=float, help="EMA decay of the evaluated parameters (0 = off)")
     ap.add_argument("--physical-batch", type=int, default=0, help="split logical batches (BatchMemoryManager)")
     ap.add_argument("--seed", type=int, default=0)
@@ -326,7 +331,10 @@ def main(argv: Optional[Sequence[str]] = None) -> float:
 
     model = build_model(args.model, args.width, args.groups)
     ema = EMA(model, args.ema) if args.ema > 0 else None
-    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum)
+    if args.optimizer == "adam":
+        optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
+    else:
+        optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum)
     engine = PrivacyEngine()
     private = math.isfinite(args.epsilon)
     if private:
@@ -339,10 +347,13 @@ def main(argv: Optional[Sequence[str]] = None) -> float:
             module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=0.0,
             max_grad_norm=args.max_grad_norm, grad_sample_mode=args.grad_sample_mode)
     params = list(model.parameters())
+    schedule = None
+    if args.schedule == "cosine":  # post-processing of the noisy gradients: no privacy cost
+        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=args.epochs * len(loader))
     print(f"Fashion-MNIST ({args.recipe}, model {args.model}): {len(train)} training examples, {split} "
           f"{len(y_eval)}, sample rate {loader.sample_rate:.5f}, noise multiplier "
           f"{optimizer.noise_multiplier:.3f}, C {args.max_grad_norm}, lr {args.lr}, {args.epochs} epochs, "
-          f"K {max(1, args.aug_mult)}, flip {args.flip}, EMA {args.ema}, {torch.get_num_threads()} threads", flush=True)
+          f"K {max(1, args.aug_mult)}, flip {args.flip}, lr schedule {args.schedule}, EMA {args.ema}, {torch.get_num_threads()} threads", flush=True)
 
     def epsilon() -> float:
         return engine.get_epsilon(args.delta) if private else math.inf
@@ -362,6 +373,8 @@ def main(argv: Optional[Sequence[str]] = None) -> float:
             loss = view_loss(model(x), y)
             loss.backward()
             optimizer.step()
+            if schedule is not None and not optimizer._is_last_step_skipped:
+                schedule.step()
             if ema is not None and not optimizer._is_last_step_skipped:
                 ema.update(params)
             bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
