@@ -59,3 +59,34 @@ def test_empty_batch_is_correctly_shaped_through_a_custom_collate():
     for b in batches:
         assert b["x"].shape == (0, 2, 3) and b["y"].shape == (0,) and b["y"].dtype == torch.int64
         assert b["tag"] == "t"
+
+
+def test_sampler_resume_state_follows_deliveries():
+    """Used on its own (no loader reporting deliveries) the sampler keeps no states and resumes from
+    its generator's current state; with DPDataLoader it resumes from the first undelivered batch, and
+    the workers' base seeds do not draw from its stream, without a generator too (seeded from
+    torch.manual_seed)."""
+    sampler = UniformWithReplacementSampler(num_samples=100, sample_rate=0.1, steps=50,
+                                            generator=torch.Generator().manual_seed(2))
+    it = iter(sampler)
+    for _ in range(20):
+        next(it)
+    assert len(sampler._undelivered) == 0
+    assert torch.equal(sampler.resume_state(), sampler.generator.get_state())
+
+    def loader():
+        torch.manual_seed(4)
+        return DPDataLoader(TensorDataset(torch.arange(100.0)), sample_rate=0.1, steps=6)
+
+    a, b = loader(), loader()
+    first = [x for (x,) in a]
+    assert all(torch.equal(x, y) for x, y in zip(first, [x for (x,) in b]))  # torch.manual_seed reproduces
+    c = loader()
+    it = iter(c)
+    next(it)
+    next(it)
+    state = c.batch_sampler.resume_state()
+    d = loader()
+    d.batch_sampler.set_resume_state(state)
+    rest = [x for (x,) in d]
+    assert all(torch.equal(x, y) for x, y in zip(rest[:4], first[2:]))

@@ -14,6 +14,11 @@ from torch.utils.data._utils.collate import default_collate
 from torch.utils._pytree import tree_map
 
 
+#: Batches drawn ahead of the loop whose generator states are kept (DataLoader's prefetch depth,
+#: num_workers x prefetch_factor, is far below this).
+_MAX_IN_FLIGHT = 1024
+
+
 class UniformWithReplacementSampler(Sampler[List[int]]):
     """Yields index batches; each index is included independently with probability ``sample_rate``.
 
@@ -26,10 +31,11 @@ class UniformWithReplacementSampler(Sampler[List[int]]):
         steps: batches per epoch (default: round(1/q)).
         secure_mode: draw the masks from a cryptographically secure source.
 
-    A DataLoader with worker processes draws batches ahead of the training loop. The sampler keeps
-    the generator's state from before each batch it has drawn but the loop has not received yet
-    (:meth:`batch_delivered` is called as the loop receives one), so :meth:`resume_state` is where a
-    resumed run must continue the stream.
+    A DataLoader with worker processes draws batches ahead of the training loop. When the loader
+    reports deliveries (``tracks_delivery = True``, set by DPDataLoader: it calls
+    :meth:`batch_delivered` as the loop receives each batch), the sampler keeps the generator's state
+    from before each batch it has drawn but the loop has not received yet, so :meth:`resume_state` is
+    where a resumed run must continue the stream. Otherwise it is the generator's current state.
     """
 
     def __init__(
@@ -51,7 +57,8 @@ class UniformWithReplacementSampler(Sampler[List[int]]):
             generator = torch.Generator().manual_seed(int(torch.randint(0, 2**62, ()).item()))
         self.generator = generator
         self.secure_mode = secure_mode
-        self._undelivered: Deque[torch.Tensor] = deque()
+        self.tracks_delivery = False
+        self._undelivered: Deque[torch.Tensor] = deque(maxlen=_MAX_IN_FLIGHT)
         self.steps = steps if steps is not None else max(1, int(round(1 / sample_rate)))
 
     def __len__(self) -> int:
@@ -67,7 +74,7 @@ class UniformWithReplacementSampler(Sampler[List[int]]):
     def __iter__(self) -> Iterator[List[int]]:
         self._undelivered.clear()  # a new pass: batches drawn for an abandoned one are not coming
         for _ in range(self.steps):
-            if not self.secure_mode:
+            if self.tracks_delivery and not self.secure_mode:
                 self._undelivered.append(self.generator.get_state())
             mask = self._uniform() < self.sample_rate
             yield mask.nonzero().flatten().tolist()
@@ -142,6 +149,7 @@ class DPDataLoader(DataLoader):
             num_samples=len(dataset), sample_rate=sample_rate, generator=generator, steps=steps,
             secure_mode=secure_mode,
         )
+        sampler.tracks_delivery = True  # __iter__ below reports each batch the loop receives
         super().__init__(
             dataset,
             batch_sampler=sampler,
