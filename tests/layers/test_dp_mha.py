@@ -248,3 +248,33 @@ def test_loads_opacus_layout():
     x = torch.randn(3, 2, 4)
     theirs.eval(), dp.eval()
     assert torch.allclose(theirs(x, x, x)[0], dp(x, x, x)[0], atol=1e-10)
+
+
+@pytest.mark.parametrize("use_onednn", [True, False])
+@pytest.mark.parametrize("used", ["qkv", "q", "kv"])
+def test_in_projection_self_attention_matches_linear_chunks(use_onednn, used, monkeypatch):
+    """The packed self-attention projection (oneDNN forward; input gradient as dq W_q + dk W_k + dv W_v,
+    without joining dq, dk, dv) equals F.linear(...).chunk(3), also when only some of q, k, v are
+    used, and outside the engine it gives ordinary weight and bias gradients."""
+    from veil.grad_sample import gemm
+    from veil.layers.leaves import InProjection
+
+    monkeypatch.setattr(gemm, "USE_ONEDNN", use_onednn)
+    torch.manual_seed(0)
+    proj = InProjection(6, bias=True)
+    nn.init.normal_(proj.weight)
+    nn.init.normal_(proj.bias)
+    x = torch.randn(3, 5, 6, requires_grad=True)
+    outs = proj(x, x, x)
+    ws = [torch.randn(3, 5, 6) for _ in range(3)]
+    sum((o * w).sum() for o, w, u in zip(outs, ws, "qkv") if u in used).backward()
+
+    x2 = x.detach().double().requires_grad_()
+    W2, b2 = proj.weight.detach().double().requires_grad_(), proj.bias.detach().double().requires_grad_()
+    outs2 = torch.nn.functional.linear(x2, W2, b2).chunk(3, -1)
+    sum((o * w.double()).sum() for o, w, u in zip(outs2, ws, "qkv") if u in used).backward()
+    for o, o2 in zip(outs, outs2):
+        torch.testing.assert_close(o.double(), o2, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(x.grad.double(), x2.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(proj.weight.grad.double(), W2.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(proj.bias.grad.double(), b2.grad, rtol=1e-5, atol=1e-5)

@@ -71,6 +71,41 @@ class _KnownLinear(torch.autograd.Function):
         return None, d_in, d_w, d_b
 
 
+class _PackedProjection(torch.autograd.Function):
+    """``F.linear(input, weight, bias).chunk(3, -1)`` whose forward value is already known. Its
+    backward adds the three products ``dq W_q + dk W_k + dv W_v`` into one input gradient instead of
+    joining dq, dk and dv into a ``[B, T, 3E]`` copy first (autograd's backward of ``chunk``)."""
+
+    @staticmethod
+    def forward(ctx, values, input, weight, bias):
+        ctx.save_for_backward(input, weight)
+        ctx.has_bias = bias is not None
+        return tuple(values.detach().chunk(3, -1))
+
+    @staticmethod
+    def backward(ctx, *grads):
+        input, weight = ctx.saved_tensors
+        _, need_in, need_w, need_b = ctx.needs_input_grad
+        ws = weight.chunk(3, 0)
+        d_in = None
+        if need_in:
+            for g, w in zip(grads, ws):
+                if g is None:
+                    continue
+                part = linear(g, w.t().contiguous())  # g @ W_s (on oneDNN where it applies)
+                d_in = part if d_in is None else d_in.add_(part)
+            if d_in is None:
+                d_in = torch.zeros_like(input)
+        d_w = d_b = None
+        if need_w or (need_b and ctx.has_bias):  # outside the engine (plain use): ordinary gradients
+            full = torch.cat([g if g is not None else input.new_zeros(*input.shape[:-1], w.shape[0])
+                              for g, w in zip(grads, ws)], -1)
+            g2, a2 = _rows(full, input)
+            d_w = linear(g2.t(), a2.t()) if need_w else None
+            d_b = g2.sum(0) if (need_b and ctx.has_bias) else None
+        return None, d_in, d_w, d_b
+
+
 def _rows(g: Tensor, a: Tensor) -> Tuple[Tensor, Tensor]:
     """``g`` [B, T, p] and ``a`` [B, T, d] as matrices of rows in the same order, without copying
     when both are time-major buffers seen batch-first."""
@@ -159,7 +194,12 @@ class InProjection(nn.Module):
 
     def forward(self, query: Tensor, key: Tensor, value: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
         if query is key and key is value:
-            return tuple(F.linear(query, self.weight, self.bias).chunk(3, -1))  # type: ignore[return-value]
+            if (state.is_replaying() or not onednn_applies(query) or self.weight.dtype != query.dtype
+                    or torch.is_autocast_enabled(query.device.type)):
+                return tuple(F.linear(query, self.weight, self.bias).chunk(3, -1))  # type: ignore[return-value]
+            with torch.no_grad():
+                values = linear(query, self.weight, self.bias)
+            return _PackedProjection.apply(values, query, self.weight, self.bias)
         E = self.embed_dim
         ws = self.weight.split(E)
         bs = self.bias.split(E) if self.bias is not None else (None, None, None)
@@ -179,7 +219,8 @@ class InProjectionRule(Rule):
         return (q.detach(), k.detach(), v.detach())
 
     def _parts(self, calls: List[Call]):
-        """Per slice (q, k, v): inputs and output gradients of all calls, joined along T."""
+        """Per slice (q, k, v): inputs and output gradients of all calls, joined along T (for
+        self-attention the three inputs are one tensor)."""
         a = [[], [], []]
         g = [[], [], []]
         for c in calls:
@@ -187,16 +228,19 @@ class InProjectionRule(Rule):
             for s in range(3):
                 a[s].append(flat3(xs[s]))
                 g[s].append(flat3(c.grad[s]))
+        if all(len(c.ctx) == 1 for c in calls):
+            shared = _join_t(a[0])
+            return [shared] * 3, [_join_t(x) for x in g]
         return [_join_t(x) for x in a], [_join_t(x) for x in g]
 
     def layer_grads(self, module: nn.Module, calls: List[Call], names: List[str], mode: str) -> LayerGrads:
+        # One Linear per slice (q, k, v), its rows of the weight. For self-attention the three slices
+        # share their input, whose Gram matrix is then computed once (state.shared_products), and the
+        # gradients of q, k and v are used where they are, not joined into a [B, T, 3E] copy.
         dt = norm_dtype(calls[0].grad[0].dtype)
-        if all(len(c.ctx) == 1 for c in calls):  # self-attention: one Linear with a [B, T, 3E] output
-            a = _join_t([flat3(c.ctx[0]) for c in calls]).to(dt)
-            g = _join_t([torch.cat([flat3(x) for x in c.grad], -1) for c in calls]).to(dt)
-            return linear_layer_grads(a, g, names, mode)
         a, g = self._parts(calls)
-        return _StackedGrads([linear_layer_grads(a[s].to(dt), g[s].to(dt), names, mode) for s in range(3)])
+        a = [a[0].to(dt)] * 3 if a[0] is a[1] is a[2] else [x.to(dt) for x in a]
+        return _StackedGrads([linear_layer_grads(a[s], g[s].to(dt), names, mode) for s in range(3)])
 
     def per_sample(self, module: nn.Module, calls: List[Call], names: List[str]) -> Dict[str, Tensor]:
         return self.layer_grads(module, calls, names, "instantiate").per_sample()
@@ -212,6 +256,11 @@ class _StackedGrads(LayerGrads):
     def clipped_sum(self, factors: Dict[str, Tensor]) -> Dict[str, Tensor]:
         sums = [p.clipped_sum(factors) for p in self.parts]
         return {n: torch.cat([s[n] for s in sums], 0) for n in factors}
+
+    def add_clipped_sum_(self, name: str, factors: Tensor, out: Tensor) -> None:
+        """Each block adds its sum into its own rows of ``out``."""
+        for part, rows in zip(self.parts, out.chunk(len(self.parts), 0)):
+            part.add_clipped_sum_(name, factors, rows)
 
     def per_sample(self) -> Dict[str, Tensor]:
         per = [p.per_sample() for p in self.parts]
