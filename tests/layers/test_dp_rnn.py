@@ -379,3 +379,20 @@ def test_batch_first_linear_follows_autocast_like_linear():
         y, y_ref = leaf(x), ref(x)
     assert y.dtype == y_ref.dtype == torch.bfloat16
     torch.testing.assert_close(y, y_ref)
+
+
+def test_lstm_projections_share_the_output_gradient_gram(monkeypatch):
+    """W_ih and W_hh get the same output gradient (the gates'): its Gram matrix is formed once, so a
+    one-layer DPLSTM needs three (input, previous state, gates) for its ghost norms."""
+    import veil.grad_sample.rules.linear as linear_rule
+    from veil import GradSampleModule
+
+    calls = []
+    real = linear_rule.gram
+    monkeypatch.setattr(linear_rule, "gram", lambda t: calls.append(t.shape) or real(t))
+    torch.manual_seed(0)
+    gsm = GradSampleModule(DPLSTM(8, 16, batch_first=True), mode="ghost")
+    gsm.consumer = lambda chunk: None
+    out, _ = gsm(torch.randn(4, 12, 8))
+    out.sum().backward()
+    assert len(calls) == 3, calls
