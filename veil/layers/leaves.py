@@ -50,60 +50,33 @@ class BatchFirstLinear(nn.Linear):
 
 
 class _KnownLinear(torch.autograd.Function):
-    """``F.linear(input, weight, bias)`` whose forward value is already known."""
+    """``F.linear(input, weight, bias)`` whose forward value is already known, returned whole or as
+    ``chunks`` equal slices of its last dimension (the packed q, k, v of an attention layer). With
+    slices, the input gradient is the sum of each slice's product with its rows of the weight, so
+    their gradients are never joined into a copy (autograd's backward of ``chunk`` would)."""
 
     @staticmethod
-    def forward(ctx, values, input, weight, bias):
+    def forward(ctx, values, input, weight, bias, chunks=1):
         ctx.save_for_backward(input, weight)
-        ctx.has_bias = bias is not None
-        return values.detach()
+        ctx.has_bias, ctx.chunks = bias is not None, chunks
+        values = values.detach()
+        return values if chunks == 1 else tuple(values.chunk(chunks, -1))
 
     @staticmethod
-    def backward(ctx, g):
+    def backward(ctx, *grads):  # unused slices arrive as zeros (gradients are materialized)
         input, weight = ctx.saved_tensors
-        _, need_in, need_w, need_b = ctx.needs_input_grad
-        d_in = linear(g, weight.t().contiguous()) if need_in else None  # g @ W (on oneDNN where it applies)
+        _, need_in, need_w, need_b = ctx.needs_input_grad[:4]
+        d_in = None
+        if need_in:  # Σ_s g_s @ W_s, on oneDNN where it applies
+            for g, w in zip(grads, weight.chunk(ctx.chunks, 0)):
+                part = linear(g, w.t().contiguous())
+                d_in = part if d_in is None else d_in.add_(part)
         d_w = d_b = None
-        if need_w or (need_b and ctx.has_bias):
-            g2, a2 = _rows(g, input)
+        if need_w or (need_b and ctx.has_bias):  # outside the engine: ordinary gradients
+            g2, a2 = _rows(grads[0] if ctx.chunks == 1 else torch.cat(grads, -1), input)
             d_w = linear(g2.t(), a2.t()) if need_w else None  # g2ᵀ a2 (on oneDNN where it applies)
             d_b = g2.sum(0) if (need_b and ctx.has_bias) else None
-        return None, d_in, d_w, d_b
-
-
-class _PackedProjection(torch.autograd.Function):
-    """``F.linear(input, weight, bias).chunk(3, -1)`` whose forward value is already known. Its
-    backward adds the three products ``dq W_q + dk W_k + dv W_v`` into one input gradient instead of
-    joining dq, dk and dv into a ``[B, T, 3E]`` copy first (autograd's backward of ``chunk``)."""
-
-    @staticmethod
-    def forward(ctx, values, input, weight, bias):
-        ctx.save_for_backward(input, weight)
-        ctx.has_bias = bias is not None
-        return tuple(values.detach().chunk(3, -1))
-
-    @staticmethod
-    def backward(ctx, *grads):
-        input, weight = ctx.saved_tensors
-        _, need_in, need_w, need_b = ctx.needs_input_grad
-        ws = weight.chunk(3, 0)
-        d_in = None
-        if need_in:
-            for g, w in zip(grads, ws):
-                if g is None:
-                    continue
-                part = linear(g, w.t().contiguous())  # g @ W_s (on oneDNN where it applies)
-                d_in = part if d_in is None else d_in.add_(part)
-            if d_in is None:
-                d_in = torch.zeros_like(input)
-        d_w = d_b = None
-        if need_w or (need_b and ctx.has_bias):  # outside the engine (plain use): ordinary gradients
-            full = torch.cat([g if g is not None else input.new_zeros(*input.shape[:-1], w.shape[0])
-                              for g, w in zip(grads, ws)], -1)
-            g2, a2 = _rows(full, input)
-            d_w = linear(g2.t(), a2.t()) if need_w else None
-            d_b = g2.sum(0) if (need_b and ctx.has_bias) else None
-        return None, d_in, d_w, d_b
+        return None, d_in, d_w, d_b, None
 
 
 def _rows(g: Tensor, a: Tensor) -> Tuple[Tensor, Tensor]:
@@ -199,7 +172,7 @@ class InProjection(nn.Module):
                 return tuple(F.linear(query, self.weight, self.bias).chunk(3, -1))  # type: ignore[return-value]
             with torch.no_grad():
                 values = linear(query, self.weight, self.bias)
-            return _PackedProjection.apply(values, query, self.weight, self.bias)
+            return _KnownLinear.apply(values, query, self.weight, self.bias, 3)
         E = self.embed_dim
         ws = self.weight.split(E)
         bs = self.bias.split(E) if self.bias is not None else (None, None, None)
