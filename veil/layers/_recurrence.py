@@ -351,8 +351,8 @@ def _gru_bptt(s: Scan, d_out: Tensor, d_hT: Tensor, need_h0: bool):
     dX = torch.empty_like(Z)
     dZ = torch.empty_like(Z)
     At, Art, rt, Zdt, dOt = A.unbind(1), Ar.unbind(1), r.unbind(1), Zd.unbind(1), d_out.unbind(1)
-    _, dX_zn, dX_n, dX_rz, dX_r = (dX.unbind(1), dX[..., H:].unflatten(-1, (2, H)).unbind(1),
-                                      dX[..., 2 * H:].unbind(1), dX[..., :2 * H].unbind(1), dX[..., :H].unbind(1))
+    dX_zn, dX_n, dX_rz, dX_r = (dX[..., H:].unflatten(-1, (2, H)).unbind(1), dX[..., 2 * H:].unbind(1),
+                                dX[..., :2 * H].unbind(1), dX[..., :H].unbind(1))
     dZt, dZ_rz, dZ_n = dZ.unbind(1), dZ[..., :2 * H].unbind(1), dZ[..., 2 * H:].unbind(1)
     rev = list(s.order)[::-1]
     dh0 = None
