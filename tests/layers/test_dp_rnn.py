@@ -87,21 +87,43 @@ def test_matches_torch(kind, B, T, d, h, layers, bidirectional, batch_first, bia
             assert torch.allclose(u, v, rtol=1e-10, atol=1e-12), (u - v).abs().max()
 
 
+@pytest.fixture(params=["native", "torch"])
+def lstm_cell_path(request):
+    """Runs a float32 test with the LSTM cell's compiled pointwise kernels (veil/csrc/lstm_cell.c) and
+    with torch ops only."""
+    from veil.layers._recurrence import lstm_cell
+    from veil.utils import native
+
+    if request.param == "native" and lstm_cell() is None:
+        pytest.skip("no C compiler: the compiled LSTM cell is unavailable")
+    native.set_enabled("lstm_cell", request.param == "native")
+    yield request.param
+    native.set_enabled("lstm_cell", True)
+
+
 @pytest.mark.parametrize("onednn", [True, False])
 @pytest.mark.parametrize("kind,kw", [("lstm", dict(bidirectional=True, num_layers=2)), ("lstm", dict(proj_size=3)),
                                      ("gru", dict(bidirectional=True)), ("rnn_tanh", dict()), ("rnn_relu", dict())])
-def test_float32_kernels_match_torch(kind, kw, onednn, monkeypatch):
-    """In float32 the per-step products may run on oneDNN (veil/grad_sample/gemm.py); both paths match torch."""
+def test_float32_kernels_match_torch(kind, kw, onednn, lstm_cell_path, monkeypatch):
+    """In float32 the per-step products may run on oneDNN (veil/grad_sample/gemm.py) and the LSTM cell's
+    pointwise work in compiled code; every path matches torch, with and without initial states."""
     from veil.grad_sample import gemm as _gemm
 
+    if lstm_cell_path == "native" and kind != "lstm":
+        pytest.skip("the compiled cell serves the LSTM only")
     monkeypatch.setattr(_gemm, "USE_ONEDNN", onednn)
     torch.set_default_dtype(torch.float32)
     dp, ref = make_pair(kind, input_size=5, hidden_size=6, batch_first=True, **kw)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(4, 7, 5, generator=g)
-    for lengths in (None, torch.tensor([7, 3, 5, 1])):
-        a = _grads(ref, x, None, lengths, True)
-        b = _grads(dp, x, None, lengths, True)
+    D = 2 if kw.get("bidirectional") else 1
+    L = kw.get("num_layers", 1) * D
+    h0 = torch.randn(L, 4, kw.get("proj_size") or 6, generator=g)
+    c0 = torch.randn(L, 4, 6, generator=g)
+    hx = (h0, c0) if kind == "lstm" else (h0,)
+    for lengths, state in ((None, None), (torch.tensor([7, 3, 5, 1]), None), (torch.tensor([7, 3, 5, 1]), hx)):
+        a = _grads(ref, x, state, lengths, True)
+        b = _grads(dp, x, state, lengths, True)
         for xs, ys in zip(a, b):
             for u, v in zip(xs, ys):
                 assert torch.allclose(u, v, rtol=1e-4, atol=1e-5), (u - v).abs().max()
@@ -319,7 +341,7 @@ def test_make_private_time_major():
 
 @pytest.mark.parametrize("mode", ["ghost", "instantiate"])
 @pytest.mark.parametrize("kind", ["lstm", "gru", "rnn_tanh"])
-def test_float32_engine_matches_float64(kind, mode):
+def test_float32_engine_matches_float64(kind, mode, lstm_cell_path):
     """The float32 fast path (oneDNN products, tanh via sigmoid, oneDNN clipped sums) gives the float64
     per-sample norms and clipped sums to float32 accuracy."""
     from tests.reference import engine_chunk

@@ -23,11 +23,13 @@ are zero.
 """
 from __future__ import annotations
 
+import ctypes
 from typing import Optional
 
 import torch
 
-from ..grad_sample.gemm import linear, onednn_applies
+from ..grad_sample.gemm import _LINEAR, linear, onednn_applies
+from ..utils import native
 
 Tensor = torch.Tensor
 
@@ -82,6 +84,9 @@ def scan(mode: str, xg: Tensor, b_hh: Optional[Tensor], W_hh: Tensor, W_hr: Opti
     fast = onednn_applies(xg)  # per-step products on oneDNN (see veil.grad_sample.gemm); else in-place addmm
     kw = {"dtype": xg.dtype, "device": xg.device}
     ms = masks.unbind(1) if masks is not None else None
+    if mode == "LSTM" and W_hr is None and xg.numel() > 0 and _use_native(xg):
+        _lstm_scan_native(s, xg, b_hh, W_hh, h0, c0, masks)
+        return s
     if mode == "LSTM":
         H = G // 4
         gates = torch.add(xg, b_hh) if b_hh is not None else xg.clone()
@@ -267,7 +272,109 @@ def _mask_factors(s: Scan):
     return m, 1.0 - m
 
 
+def _declare(lib) -> None:
+    for f in (lib.lstm_fwd_step, lib.lstm_bwd_step):
+        f.argtypes, f.restype = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p], None
+
+
+def lstm_cell():
+    """The compiled LSTM step kernels (veil/csrc/lstm_cell.c), or None (see veil.utils.native)."""
+    return native.library("lstm_cell", _declare)
+
+
+_CTX_FIELDS = ("B", "H", "T", "reverse", "x", "bh", "h0", "c0", "z", "acts", "c", "tc", "out", "mask", "dout", "dh",
+               "dc", "dG")  # the order of lstm_ctx in lstm_cell.c
+
+
+def _lstm_ctx(**fields: int) -> Tensor:
+    """An lstm_ctx for the C step functions, as an int64 tensor (to be kept alive while it is used):
+    tensors are given by address, absent ones as 0."""
+    return torch.tensor([fields.get(k, 0) for k in _CTX_FIELDS], dtype=torch.int64)
+
+
+def _use_native(like: Tensor) -> bool:
+    return like.dtype == torch.float32 and like.device.type == "cpu" and lstm_cell() is not None
+
+
+def _step_masks(masks: Optional[Tensor]) -> Optional[Tensor]:
+    """bool [B, T, 1] -> uint8 [T, B] (one contiguous row per step), or None."""
+    return None if masks is None else masks.squeeze(-1).t().contiguous().to(torch.uint8)
+
+
+def _lstm_scan_native(s: Scan, xg: Tensor, b_hh: Optional[Tensor], W_hh: Tensor, h0: Tensor, c0: Tensor,
+                      masks: Optional[Tensor]) -> None:
+    """The LSTM forward scan with each step's pointwise work in one compiled call; fills ``s`` as the
+    torch path does (``acts`` holds σ(i), σ(f), tanh(g), σ(o))."""
+    step = lstm_cell().lstm_fwd_step
+    B, T, G = xg.shape
+    H = G // 4
+    xg = xg.contiguous()
+    z, acts = torch.empty_like(xg), torch.empty_like(xg)
+    C, TC, out = xg.new_empty(B, T, H), xg.new_empty(B, T, H), xg.new_empty(B, T, H)
+    h0, c0 = h0.contiguous(), c0.contiguous()
+    bh = b_hh.contiguous() if b_hh is not None else None
+    m = _step_masks(masks)
+    ctx = _lstm_ctx(B=B, H=H, T=T, reverse=int(s.reverse), x=xg.data_ptr(), bh=_addr(bh), h0=h0.data_ptr(),
+                           c0=c0.data_ptr(), z=z.data_ptr(), acts=acts.data_ptr(), c=C.data_ptr(), tc=TC.data_ptr(),
+                           out=out.data_ptr(), mask=_addr(m))
+    pctx = ctx.data_ptr()
+    product = _products(xg)
+    h = h0
+    for t in s.order:
+        hw = product(h, W_hh)
+        step(pctx, t, hw.data_ptr())
+        h = out[:, t]
+    last = s.order[-1]
+    s.z = z  # W_hh h_prev + b_hh
+    s.extra.update(acts=acts, C=C, TC=TC, M=None, native=m)
+    s.out, s.hT, s.cT = out, out[:, last].clone(), C[:, last].clone()
+    s.c0 = c0
+
+
+def _addr(x: Optional[Tensor]) -> int:
+    return x.data_ptr() if x is not None else 0
+
+
+def _products(like: Tensor):
+    """(x, W) -> x Wᵀ for no-grad per-step products: oneDNN's op called directly when it applies."""
+    if onednn_applies(like):
+        return lambda x, W: _LINEAR(x, W, None, "none", [], "")
+    return lambda x, W: x @ W.t()
+
+
+def _lstm_bptt_native(s: Scan, d_out: Tensor, d_hT: Tensor, d_cT: Tensor, need_h0: bool, need_c0: bool):
+    step = lstm_cell().lstm_bwd_step
+    acts, TC, C = s.extra["acts"], s.extra["TC"], s.extra["C"]
+    m = s.extra["native"]
+    B, T, G = acts.shape
+    H = G // 4
+    WT = s.W_hh.t().contiguous()
+    d_out = d_out.contiguous()
+    dG = torch.empty_like(acts)
+    rev = list(s.order)[::-1]
+    dh = (d_out[:, rev[0]] + d_hT).contiguous()
+    dc = d_cT.clone(memory_format=torch.contiguous_format)
+    ctx = _lstm_ctx(B=B, H=H, T=T, reverse=int(s.reverse), c0=s.c0.data_ptr(), acts=acts.data_ptr(),
+                           c=C.data_ptr(), tc=TC.data_ptr(), mask=_addr(m), dout=d_out.data_ptr(), dh=dh.data_ptr(),
+                           dc=dc.data_ptr(), dG=dG.data_ptr())
+    pctx = ctx.data_ptr()
+    product = _products(acts)
+    gw = None
+    for t in rev:
+        step(pctx, t, gw.data_ptr() if gw is not None else None)
+        if t != rev[-1]:
+            gw = product(dG[:, t], WT)
+    dh0 = None
+    if need_h0:
+        dh0 = product(dG[:, rev[-1]], WT)
+        if m is not None:
+            dh0.addcmul_(dh, (m[rev[-1]] == 0).to(dh.dtype).unsqueeze(1))
+    return dG, None, dh0, (dc if need_c0 else None)
+
+
 def _lstm_bptt(s: Scan, d_out: Tensor, d_hT: Tensor, d_cT: Tensor, need_h0: bool, need_c0: bool):
+    if "native" in s.extra:
+        return _lstm_bptt_native(s, d_out, d_hT, d_cT, need_h0, need_c0)
     acts, TC, C = s.extra["acts"], s.extra["TC"], s.extra["C"]
     B, T, G = acts.shape
     H = G // 4
