@@ -143,21 +143,27 @@ def test_optimizer_consumes_opacus_style_grad_sample():
         assert torch.allclose(before[n] - p.detach(), torch.tensordot(c, gs[n], dims=1), rtol=1e-12)
 
 
-def test_multithreaded_noise_is_standard_normal_and_seeded():
+@pytest.mark.parametrize("kernel", ["native", "torch"])
+def test_multithreaded_noise_is_standard_normal_and_seeded(kernel, monkeypatch):
     from scipy import stats
 
-    from veil.optimizers.noise import add_gaussian_
+    from veil.optimizers import noise
+    from veil.utils import native
 
+    monkeypatch.setattr(noise, "_MIN_PARALLEL", 150_000)
+    monkeypatch.setattr(noise, "_MIN_PARALLEL_NATIVE", 150_000)
+    native.set_enabled("gaussian", kernel == "native")
     old = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
         draws = []
         for _ in range(2):
             buf = torch.zeros(600_000, dtype=torch.float32)  # 2 blocks, each split between 2 threads
-            add_gaussian_(buf, 2.0, torch.Generator().manual_seed(11), block=300_000)
+            noise.add_gaussian_(buf, 2.0, torch.Generator().manual_seed(11), block=300_000)
             draws.append(buf)
     finally:
         torch.set_num_threads(old)
+        native.set_enabled("gaussian", True)
     assert torch.equal(draws[0], draws[1]), "a seeded generator reproduces the noise"
     z = draws[0].double() / 2.0
     assert stats.kstest(z.numpy(), "norm").pvalue > 1e-4
