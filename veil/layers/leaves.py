@@ -69,7 +69,7 @@ class _KnownLinear(torch.autograd.Function):
         d_in = None
         if need_in:  # Σ_s g_s @ W_s, on oneDNN where it applies
             for g, w in zip(grads, weight.chunk(ctx.chunks, 0)):
-                part = linear(g, w.t().contiguous())
+                part = linear(g, w.t())  # oneDNN reads the transposed view directly
                 d_in = part if d_in is None else d_in.add_(part)
         d_w = d_b = None
         if need_w or (need_b and ctx.has_bias):  # outside the engine: ordinary gradients
