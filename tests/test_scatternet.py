@@ -58,7 +58,7 @@ def circular_conv(h: np.ndarray, x: np.ndarray) -> np.ndarray:
 
 def average(u: np.ndarray) -> np.ndarray:
     """Spatial Gaussian average (scale 0.8 * 2^J), subsampled by 2^J, padding cropped: 7 x 7."""
-    phi = spatial_gabor(SIGMA0 * 2 ** J, 0.0, 0.0, 1.0).real
+    phi = spatial_gabor(SIGMA0 * 2 ** (J - 1), 0.0, 0.0, 1.0).real
     y = circular_conv(phi, u).real
     return y[4:32:4, 4:32:4]  # padded pixels 4, 8, ..., 28 = original pixels 0, 4, ..., 24
 
@@ -77,7 +77,7 @@ def test_output_shape_and_channels():
 def test_filters_match_spatial_closed_form():
     """DFT of the spatial Morlet/Gaussian (closed form, periodised) = the Fourier-domain filters."""
     phi, psi, index = filter_bank(P, J, L, SIGMA0, XI0, SLANT)
-    np.testing.assert_allclose(np.fft.fft2(spatial_gabor(SIGMA0 * 2 ** J, 0, 0, 1)), phi.numpy(), atol=1e-9)
+    np.testing.assert_allclose(np.fft.fft2(spatial_gabor(SIGMA0 * 2 ** (J - 1), 0, 0, 1)), phi.numpy(), atol=1e-9)
     for n, (j, l) in enumerate(index):
         np.testing.assert_allclose(np.fft.fft2(spatial_morlet(j, l)), psi[n].numpy(), atol=1e-9)
     assert phi[0, 0].item() == pytest.approx(1.0, abs=1e-9)
@@ -120,8 +120,8 @@ def test_coefficients_match_brute_force(seed):
 
 def test_approximate_translation_invariance():
     """A one-pixel shift of an object on a blank background changes the scattering coefficients
-    far less (relatively) than it changes the pixels (measured: 15 % against 41 %; J = 2 gives
-    invariance only up to about 2^J = 4 pixels)."""
+    far less (relatively) than it changes the pixels (measured: 23 % against 41 %, with Kymatio's
+    low-pass of 1.6 pixels; J = 2 gives invariance only up to about 2^J = 4 pixels)."""
     rng = np.random.default_rng(1)
     obj = torch.nn.functional.avg_pool2d(torch.from_numpy(rng.random((1, 1, 20, 20))).float(), 3, 1, 1)
     x = torch.zeros(2, 1, 28, 28)
@@ -130,7 +130,7 @@ def test_approximate_translation_invariance():
     s = Scattering2D(28, J, L)(x)
     pixel_change = ((x[0] - x[1]).norm() / x[0].norm()).item()
     scatter_change = ((s[0] - s[1]).norm() / s[0].norm()).item()
-    assert scatter_change < 0.5 * pixel_change, (scatter_change, pixel_change)
+    assert scatter_change < 0.65 * pixel_change, (scatter_change, pixel_change)
 
 
 def test_scatter_linear_is_per_example():
