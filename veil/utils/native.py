@@ -62,29 +62,56 @@ def _cache_dir() -> Path:
     raise OSError("no writable cache directory")
 
 
-def build(name: str) -> Optional[ctypes.CDLL]:
-    """Compile (or find in the cache) and load ``veil/csrc/<name>.c``; None where that is not possible."""
+def target(name: str) -> Optional[Path]:
+    """Where the library ``name`` is (or will be) cached, or None where it cannot be built."""
     if os.environ.get("VEIL_NATIVE", "1") == "0" or not sys.platform.startswith("linux"):
         return None
-    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    cc = _compiler()
     source = SOURCES / f"{name}.c"
     if cc is None or not source.exists():
         return None
     key = hashlib.sha256(source.read_bytes() + " ".join([cc] + FLAGS).encode() + _cpu_flags().encode()).hexdigest()[:16]
     try:
-        target = _cache_dir() / f"{name}-{key}.so"
-        if not target.exists():
-            fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
-            os.close(fd)
-            try:
-                subprocess.run([cc, *FLAGS, "-o", tmp, str(source)], check=True, capture_output=True, timeout=120)
-                os.replace(tmp, target)  # atomic: concurrent first uses never load a half-written file
-            finally:
-                if os.path.exists(tmp):
-                    os.unlink(tmp)
-        return ctypes.CDLL(str(target))
-    except (OSError, subprocess.SubprocessError):
+        return _cache_dir() / f"{name}-{key}.so"
+    except OSError:
         return None
+
+
+def _compiler() -> Optional[str]:
+    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+
+
+def build(name: str) -> Optional[ctypes.CDLL]:
+    """Compile (or find in the cache) and load ``veil/csrc/<name>.c``; None where that is not possible."""
+    path = target(name)
+    if path is None:
+        return None
+    cc, source = _compiler(), SOURCES / f"{name}.c"
+    for attempt in range(2):  # a cached file that does not load (e.g. truncated by a crash) is rebuilt once
+        try:
+            if not path.exists():
+                _compile(cc, source, path)
+            return ctypes.CDLL(str(path))
+        except (OSError, subprocess.SubprocessError):
+            if attempt == 0 and path.exists():
+                try:
+                    path.unlink()
+                except OSError:
+                    return None
+                continue
+            return None
+    return None
+
+
+def _compile(cc: str, source: Path, target: Path) -> None:
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    os.close(fd)
+    try:
+        subprocess.run([cc, *FLAGS, "-o", tmp, str(source)], check=True, capture_output=True, timeout=120)
+        os.replace(tmp, target)  # atomic: concurrent first uses never load a half-written file
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
 
 
 def library(name: str, declare: Optional[Callable[[ctypes.CDLL], None]] = None) -> Optional[ctypes.CDLL]:
