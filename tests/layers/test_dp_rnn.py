@@ -87,10 +87,10 @@ def test_matches_torch(kind, B, T, d, h, layers, bidirectional, batch_first, bia
             assert torch.allclose(u, v, rtol=1e-10, atol=1e-12), (u - v).abs().max()
 
 
-@pytest.fixture(params=["native", "torch"])
+@pytest.fixture
 def lstm_cell_path(request):
-    """Runs a float32 test with the LSTM cell's compiled pointwise kernels (veil/csrc/lstm_cell.c) and
-    with torch ops only."""
+    """Runs a float32 test with the LSTM cell's compiled pointwise kernels (veil/csrc/lstm_cell.c),
+    ``native``, or with torch ops only, ``torch`` (parametrize ``lstm_cell_path`` indirectly)."""
     from veil.layers._recurrence import lstm_cell
     from veil.utils import native
 
@@ -101,16 +101,19 @@ def lstm_cell_path(request):
     native.set_enabled("lstm_cell", True)
 
 
+_LSTM_CASES = [("lstm", dict(bidirectional=True, num_layers=2)), ("lstm", dict(proj_size=3))]
+_OTHER_CASES = [("gru", dict(bidirectional=True)), ("rnn_tanh", dict()), ("rnn_relu", dict())]
+
+
 @pytest.mark.parametrize("onednn", [True, False])
-@pytest.mark.parametrize("kind,kw", [("lstm", dict(bidirectional=True, num_layers=2)), ("lstm", dict(proj_size=3)),
-                                     ("gru", dict(bidirectional=True)), ("rnn_tanh", dict()), ("rnn_relu", dict())])
+@pytest.mark.parametrize("kind,kw,lstm_cell_path",
+                         [(k, kw, path) for k, kw in _LSTM_CASES for path in ("native", "torch")]
+                         + [(k, kw, "torch") for k, kw in _OTHER_CASES], indirect=["lstm_cell_path"])
 def test_float32_kernels_match_torch(kind, kw, onednn, lstm_cell_path, monkeypatch):
     """In float32 the per-step products may run on oneDNN (veil/grad_sample/gemm.py) and the LSTM cell's
     pointwise work in compiled code; every path matches torch, with and without initial states."""
     from veil.grad_sample import gemm as _gemm
 
-    if lstm_cell_path == "native" and kind != "lstm":
-        pytest.skip("the compiled cell serves the LSTM only")
     monkeypatch.setattr(_gemm, "USE_ONEDNN", onednn)
     torch.set_default_dtype(torch.float32)
     dp, ref = make_pair(kind, input_size=5, hidden_size=6, batch_first=True, **kw)
@@ -340,7 +343,8 @@ def test_make_private_time_major():
 
 
 @pytest.mark.parametrize("mode", ["ghost", "instantiate"])
-@pytest.mark.parametrize("kind", ["lstm", "gru", "rnn_tanh"])
+@pytest.mark.parametrize("kind,lstm_cell_path", [("lstm", "native"), ("lstm", "torch"), ("gru", "torch"),
+                                                 ("rnn_tanh", "torch")], indirect=["lstm_cell_path"])
 def test_float32_engine_matches_float64(kind, mode, lstm_cell_path):
     """The float32 fast path (oneDNN products, tanh via sigmoid, oneDNN clipped sums) gives the float64
     per-sample norms and clipped sums to float32 accuracy."""
