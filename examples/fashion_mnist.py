@@ -17,6 +17,8 @@ Recipes (``--recipe``):
   every configuration tried is in examples/RESULTS.md). ``--model scatter-cnn`` puts a small tanh
   CNN on the same features instead; ``--flip`` adds the mirror image's features as a second view,
   ``--optimizer adam`` and ``--schedule cosine`` change the update rule (all tried on validation).
+  ``--ws`` makes the end-to-end CNN's convolutions weight-standardised (``veil.layers.WSConv2d``;
+  with ``--model gn``, GroupNorm + weight standardisation as in De et al. 2022; tried on validation).
 
 Every recipe value can be overridden by its flag. Sampling is Poisson (q = 1/len(loader)); noise
 is calibrated by ``make_private_with_epsilon`` to spend ``--epsilon`` in ``--epochs`` epochs.
@@ -46,6 +48,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from veil import PrivacyEngine
+from veil.layers import WSConv2d
 
 try:  # run as a script (examples/ on sys.path) or imported by the tests
     from scatternet import ScatterCNN, ScatterLinear, scatter_features
@@ -170,12 +173,13 @@ class TanhCNN(nn.Module):
     sums a layer's calls per sample) and returns logits [B, K, 10].
     """
 
-    def __init__(self, width: int = 16, hidden: int = 32, norm: bool = False, groups: int = 4):
+    def __init__(self, width: int = 16, hidden: int = 32, norm: bool = False, groups: int = 4, ws: bool = False):
         super().__init__()
         c1, c2 = width, 2 * width
-        self.conv1 = nn.Conv2d(1, c1, 8, stride=2, padding=2)
+        conv = WSConv2d if ws else nn.Conv2d  # ws: weight standardisation (Veil's WSConv2d, exact clipping)
+        self.conv1 = conv(1, c1, 8, stride=2, padding=2)
         self.norm1 = nn.GroupNorm(groups, c1) if norm else nn.Identity()
-        self.conv2 = nn.Conv2d(c1, c2, 4, stride=2)
+        self.conv2 = conv(c1, c2, 4, stride=2)
         self.norm2 = nn.GroupNorm(groups, c2) if norm else nn.Identity()
         self.fc1 = nn.Linear(c2 * 4 * 4, hidden)
         self.fc2 = nn.Linear(hidden, 10)
@@ -191,13 +195,13 @@ class TanhCNN(nn.Module):
         return torch.stack([self.one_view(x[:, k]) for k in range(x.shape[1])], dim=1)
 
 
-def build_model(name: str, width: int, groups: int = 27) -> nn.Module:
+def build_model(name: str, width: int, groups: int = 27, ws: bool = False) -> nn.Module:
     """``tanh``: no normalisation; ``gn``: GroupNorm after each convolution; ``scatter``: GroupNorm
     + linear on ScatterNet features; ``scatter-cnn``: GroupNorm + small tanh CNN on them."""
     if name == "tanh":
-        return TanhCNN(width, norm=False)
+        return TanhCNN(width, norm=False, ws=ws)
     if name == "gn":
-        return TanhCNN(width, norm=True)
+        return TanhCNN(width, norm=True, ws=ws)
     if name == "scatter":
         return ScatterLinear(groups=groups)
     if name == "scatter-cnn":
@@ -256,6 +260,7 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     ap.add_argument("--model", choices=["tanh", "gn", "scatter", "scatter-cnn"])
     ap.add_argument("--groups", type=int, default=27, help="GroupNorm groups over the 81 scattering channels (0: none)")
     ap.add_argument("--width", type=int, default=16, help="channels of the first convolution")
+    ap.add_argument("--ws", action="store_true", help="weight-standardised convolutions (tanh / gn models)")
     ap.add_argument("--aug-mult", type=int, help="augmented views per example (1 = no augmentation)")
     ap.add_argument("--flip", choices=["none", "train", "test", "both"],
                     help="ScatterNet models: also use the features of the horizontally flipped image, as a second "
@@ -329,7 +334,7 @@ def main(argv: Optional[Sequence[str]] = None) -> float:
     train = BatchTensorDataset(x_train, y_train, aug_mult=aug, generator=gen)
     loader = DataLoader(train, batch_size=args.batch_size, collate_fn=identity_collate)
 
-    model = build_model(args.model, args.width, args.groups)
+    model = build_model(args.model, args.width, args.groups, args.ws)
     ema = EMA(model, args.ema) if args.ema > 0 else None
     if args.optimizer == "adam":
         optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)

@@ -64,6 +64,13 @@ def test_fashion_mnist_best_recipe_smoke(fashion_mnist, capsys):
     assert eps <= 3.0 + 0.05
 
 
+def test_fashion_mnist_weight_standardisation_smoke(fashion_mnist, capsys):
+    """GroupNorm + weight-standardised convolutions (veil.layers.WSConv2d)."""
+    acc, eps = run(fashion_mnist, ["--smoke", "--model", "gn", "--ws", "--subset", "1000", "--val"], capsys)
+    assert eps <= 3.0 + 0.05
+    assert acc > 0.2
+
+
 @pytest.mark.parametrize("flip", ["none", "both"])
 def test_fashion_mnist_scatter_recipe_smoke(fashion_mnist, capsys, flip):
     """ScatterNet features (computed on the fly for the subset, no cache) + GroupNorm + linear; with

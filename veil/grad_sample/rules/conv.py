@@ -9,7 +9,7 @@ convolution is then one without padding.
 from __future__ import annotations
 
 import math
-from typing import Dict, List, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -179,8 +179,15 @@ class ConvGhostGrads(LayerGrads):
     instantiation's arithmetic without holding B copies of the weight).
     """
 
-    def __init__(self, module: Conv, xs: List[Tensor], gs: List[Tensor], names: List[str], norms: str = "gram"):
+    def __init__(self, module: Conv, xs: List[Tensor], gs: List[Tensor], names: List[str], norms: str = "gram",
+                 transform: Optional[Callable[[Tensor], Tensor]] = None):
+        """``transform``: a linear map applied to every weight gradient (per sample and summed), for
+        layers whose parameter reaches the convolution through a fixed linear reparametrisation
+        (weight standardisation's Jacobian); it needs ``norms="per_sample"``."""
+        if transform is not None and norms != "per_sample":
+            raise ValueError("a weight-gradient transform needs the per-sample norms")
         self.module, self.xs, self.gs, self.names = module, xs, gs, names
+        self.transform = transform or (lambda t: t)
         self.norms_sq = {}
         if "weight" in names:
             B = xs[0].shape[0]
@@ -198,7 +205,7 @@ class ConvGhostGrads(LayerGrads):
                     parts.append((uu * gg).sum((1, 2, 3)))
                 else:
                     w = _sum([weight_per_sample(module, x[i : i + step], g[i : i + step]) for x, g in zip(xs, gs)])
-                    parts.append(sq_norms(w))
+                    parts.append(sq_norms(self.transform(w)))
             self.norms_sq["weight"] = _cat_first(parts, xs[0])
         if "bias" in names:
             self.gsum = bias_per_sample(gs)
@@ -210,16 +217,19 @@ class ConvGhostGrads(LayerGrads):
         if "weight" in factors:
             c = factors["weight"]
             weight_grad = _WEIGHT_GRAD[len(m.kernel_size)]
-            out["weight"] = _sum([
+            out["weight"] = self.transform(_sum([
                 weight_grad(x, m.weight.shape, scale_samples(g, c), stride=m.stride, dilation=m.dilation, groups=m.groups)
                 for x, g in zip(self.xs, self.gs)
-            ])
+            ]))
         if "bias" in factors:
             out["bias"] = factors["bias"].to(self.gsum.dtype) @ self.gsum
         return out
 
     def per_sample(self) -> Dict[str, Tensor]:
-        return conv_per_sample(self.module, self.xs, self.gs, self.names)
+        out = conv_per_sample(self.module, self.xs, self.gs, self.names)
+        if "weight" in out:
+            out["weight"] = self.transform(out["weight"])
+        return out
 
 
 @register_rule(nn.Conv1d, nn.Conv2d, nn.Conv3d)
