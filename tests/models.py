@@ -39,3 +39,18 @@ class MLP(nn.Module):
 
     def forward(self, x):
         return self.net(x)
+
+
+class CalledTwice(nn.Module):
+    """``layer`` applied to ``x`` and, when ``calls == 2``, again to ``second(x)``; outputs flattened and
+    joined (a layer called twice in one forward: the engine sums its calls per sample)."""
+
+    def __init__(self, layer: nn.Module, calls: int, second):
+        super().__init__()
+        self.layer, self.calls, self.second = layer, calls, second
+
+    def forward(self, x):
+        ys = [self.layer(x).flatten(1)]
+        if self.calls == 2:
+            ys.append(self.layer(self.second(x)).flatten(1))
+        return torch.cat(ys, 1)

@@ -5,6 +5,7 @@ import torch
 from hypothesis import given, settings, strategies as st
 from torch import nn
 
+from tests.models import CalledTwice
 from tests.reference import ChunkProbe, assert_matches_reference, engine_chunk
 from veil.grad_sample import GradSampleModule
 from veil.grad_sample.rules.base import Call, InstantiatedGrads, rule_for
@@ -57,19 +58,10 @@ def test_conv_matches_brute_force(cfg, B, calls, frozen_bias):
     if frozen_bias and conv.bias is not None:
         conv.bias.requires_grad_(False)
 
-    class Net(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.conv = conv
-
-        def forward(self, x):
-            ys = [self.conv(x).flatten(1)]
-            if calls == 2:  # a second call on a larger input: a different number of output positions
-                ys.append(self.conv(torch.cat([x, x * 0.5], -1)).flatten(1))
-            return torch.cat(ys, 1)
-
+    # a second call on a larger input: a different number of output positions
+    net = CalledTwice(conv, calls, lambda x: torch.cat([x, x * 0.5], -1))
     x = torch.randn(B, c_in, *spatial)
-    assert_matches_reference(Net(), (x,), tanh_loss, B)
+    assert_matches_reference(net, (x,), tanh_loss, B)
 
 
 @pytest.mark.parametrize("padding_mode", ["zeros", "reflect", "replicate", "circular"])

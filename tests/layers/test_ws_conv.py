@@ -5,6 +5,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings, strategies as st
 from torch import nn
 
+from tests.models import CalledTwice
 from tests.reference import assert_matches_reference
 from veil.layers import WSConv1d, WSConv2d, WSConv3d
 
@@ -41,19 +42,8 @@ def test_per_sample_gradients_of_the_raw_weight_are_exact(n, groups, k, stride, 
     with torch.no_grad():
         conv.weight.mul_(3.0).add_(0.5)  # a mean and scale that the standardisation must remove
 
-    class Net(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.conv = conv
-
-        def forward(self, x):
-            ys = [self.conv(x).flatten(1)]
-            if calls == 2:
-                ys.append(self.conv(x * 0.5 + 1.0).flatten(1))
-            return torch.cat(ys, 1)
-
     x = torch.randn(B, 2 * groups, *[k + 3] * n)
-    assert_matches_reference(Net(), (x,), tanh_loss, B)
+    assert_matches_reference(CalledTwice(conv, calls, lambda x: x * 0.5 + 1.0), (x,), tanh_loss, B)
 
 
 def test_in_a_gn_network_with_chunked_norms(monkeypatch):

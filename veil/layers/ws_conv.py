@@ -20,8 +20,16 @@ from ..grad_sample.rules.conv import ConvGhostGrads, ConvRule, conv_per_sample, 
 
 
 class _WeightStandardized:
-    eps: float
+    """The standardisation, shared by WSConv1d/2d/3d (placed before the ``nn.Conv*d`` base)."""
+
     weight: nn.Parameter
+
+    def __init__(self, *args, eps: float = 1e-5, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.eps = eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self._conv_forward(x, self.standardized_weight(), self.bias)
 
     def _standardisation(self) -> Tuple[Tensor, Tensor]:
         """(ŵ [O, n], σ [O, 1]) of the current weight, flattened per output channel."""
@@ -48,36 +56,15 @@ class _WeightStandardized:
 
 
 class WSConv1d(_WeightStandardized, nn.Conv1d):
-    """``nn.Conv1d`` with weight standardisation (``eps`` added to the variance)."""
-
-    def __init__(self, *args, eps: float = 1e-5, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.eps = eps
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self._conv_forward(x, self.standardized_weight(), self.bias)
+    """``nn.Conv1d`` with weight standardisation (keyword ``eps``, default 1e-5, added to the variance)."""
 
 
 class WSConv2d(_WeightStandardized, nn.Conv2d):
-    """``nn.Conv2d`` with weight standardisation (``eps`` added to the variance)."""
-
-    def __init__(self, *args, eps: float = 1e-5, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.eps = eps
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self._conv_forward(x, self.standardized_weight(), self.bias)
+    """``nn.Conv2d`` with weight standardisation (keyword ``eps``, default 1e-5, added to the variance)."""
 
 
 class WSConv3d(_WeightStandardized, nn.Conv3d):
-    """``nn.Conv3d`` with weight standardisation (``eps`` added to the variance)."""
-
-    def __init__(self, *args, eps: float = 1e-5, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.eps = eps
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self._conv_forward(x, self.standardized_weight(), self.bias)
+    """``nn.Conv3d`` with weight standardisation (keyword ``eps``, default 1e-5, added to the variance)."""
 
 
 @register_rule(WSConv1d, WSConv2d, WSConv3d)
