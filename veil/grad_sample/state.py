@@ -7,6 +7,9 @@ from collections import OrderedDict
 
 _local = threading.local()
 
+#: How many recent products shared_product keeps.
+_KEEP_PRODUCTS = 3
+
 
 def is_replaying() -> bool:
     """True while a rule replays a module's forward (its hooks must then stay silent)."""
@@ -51,7 +54,3 @@ def shared_product(name: str, t, compute):
         while len(cache) > _KEEP_PRODUCTS:
             cache.popitem(last=False)
     return cache[key][1]
-
-
-#: How many recent products shared_product keeps.
-_KEEP_PRODUCTS = 3

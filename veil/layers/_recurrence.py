@@ -316,8 +316,8 @@ def _lstm_scan_native(s: Scan, xg: Tensor, b_hh: Optional[Tensor], W_hh: Tensor,
     bh = b_hh.contiguous() if b_hh is not None else None
     m = _step_masks(masks)
     ctx = _lstm_ctx(B=B, H=H, T=T, reverse=int(s.reverse), x=xg.data_ptr(), bh=_addr(bh), h0=h0.data_ptr(),
-                           c0=c0.data_ptr(), z=z.data_ptr(), acts=acts.data_ptr(), c=C.data_ptr(), tc=TC.data_ptr(),
-                           out=out.data_ptr(), mask=_addr(m))
+                    c0=c0.data_ptr(), z=z.data_ptr(), acts=acts.data_ptr(), c=C.data_ptr(), tc=TC.data_ptr(),
+                    out=out.data_ptr(), mask=_addr(m))
     pctx = ctx.data_ptr()
     product = _products(xg)
     h = h0
@@ -356,8 +356,8 @@ def _lstm_bptt_native(s: Scan, d_out: Tensor, d_hT: Tensor, d_cT: Tensor, need_h
     dh = (d_out[:, rev[0]] + d_hT).contiguous()
     dc = d_cT.clone(memory_format=torch.contiguous_format)
     ctx = _lstm_ctx(B=B, H=H, T=T, reverse=int(s.reverse), c0=s.c0.data_ptr(), acts=acts.data_ptr(),
-                           c=C.data_ptr(), tc=TC.data_ptr(), mask=_addr(m), dout=d_out.data_ptr(), dh=dh.data_ptr(),
-                           dc=dc.data_ptr(), dG=dG.data_ptr())
+                    c=C.data_ptr(), tc=TC.data_ptr(), mask=_addr(m), dout=d_out.data_ptr(), dh=dh.data_ptr(),
+                    dc=dc.data_ptr(), dG=dG.data_ptr())
     pctx = ctx.data_ptr()
     product = _products(acts)
     gw = None

@@ -10,7 +10,7 @@ rule's clipped sum mapped once.
 """
 from __future__ import annotations
 
-from typing import Dict, List, Tuple
+from typing import Callable, Dict, List, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -43,16 +43,19 @@ class _WeightStandardized:
         w_hat, _ = self._standardisation()
         return w_hat.reshape(self.weight.shape)
 
-    def weight_grad_from_standardized(self, v: Tensor) -> Tensor:
-        """Gradients with respect to ``ŵ`` ([..., *weight.shape]) -> gradients with respect to ``weight``."""
+    def weight_grad_map(self) -> Callable[[Tensor], Tensor]:
+        """The linear map from gradients with respect to ``ŵ`` ([..., *weight.shape]) to gradients with
+        respect to ``weight``, for the current weight (its standardisation is computed once here)."""
         with torch.no_grad():
             w_hat, sigma = self._standardisation()
-            w_hat, sigma = w_hat.to(v.dtype), sigma.to(v.dtype)
-            lead = v.shape[: v.dim() - self.weight.dim()]
-            vf = v.reshape(*lead, *w_hat.shape)
-            n = w_hat.shape[1]
-            out = (vf - vf.mean(-1, keepdim=True) - w_hat * (vf * w_hat).sum(-1, keepdim=True) / n) / sigma
-            return out.reshape(v.shape)
+        shape, n = self.weight.shape, w_hat.shape[1]
+
+        def apply(v: Tensor) -> Tensor:
+            wh, sg = w_hat.to(v.dtype), sigma.to(v.dtype)
+            vf = v.reshape(*v.shape[: v.dim() - len(shape)], *wh.shape)
+            return ((vf - vf.mean(-1, keepdim=True) - wh * (vf * wh).sum(-1, keepdim=True) / n) / sg).reshape(v.shape)
+
+        return apply
 
 
 class WSConv1d(_WeightStandardized, nn.Conv1d):
@@ -76,9 +79,9 @@ class WSConvRule(ConvRule):
     def per_sample(self, module: nn.Module, calls: List[Call], names: List[str]) -> Dict[str, Tensor]:
         out = conv_per_sample(module, *prepare(module, calls), names)
         if "weight" in out:
-            out["weight"] = module.weight_grad_from_standardized(out["weight"])
+            out["weight"] = module.weight_grad_map()(out["weight"])
         return out
 
     def layer_grads(self, module: nn.Module, calls: List[Call], names: List[str], mode: str) -> LayerGrads:
         xs, gs = prepare(module, calls)
-        return ConvGhostGrads(module, xs, gs, names, norms="per_sample", transform=module.weight_grad_from_standardized)
+        return ConvGhostGrads(module, xs, gs, names, norms="per_sample", transform=module.weight_grad_map())

@@ -15,10 +15,9 @@ Measured on the 2-core benchmark machine, one thread: 1.86M floats in 1.5 ms (``
 """
 from __future__ import annotations
 
+import ctypes
 from concurrent.futures import ThreadPoolExecutor
 from typing import Optional
-
-import ctypes
 
 import torch
 
